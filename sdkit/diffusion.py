@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import instantiate_from_config
 from .ema import LitEma
+from .nn.distributions import DiagonalGaussianDistribution
 from .schedules import make_beta_schedule, schedule_buffers
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
@@ -205,7 +206,7 @@ class LatentDiffusion(nn.Module):
         if self.cond_stage_forward is None:
             encode = getattr(self.cond_stage_model, "encode", None)
             c = encode(c) if callable(encode) else self.cond_stage_model(c)
-            if hasattr(c, "mode") and callable(c.mode):  # a posterior from a first-stage cond model
+            if isinstance(c, DiagonalGaussianDistribution):  # a first-stage model used as cond stage
                 c = c.mode()
             return c
         return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
@@ -218,7 +219,7 @@ class LatentDiffusion(nn.Module):
 
     def get_first_stage_encoding(self, encoder_posterior, generator: torch.Generator | None = None):
         """Posterior → scaled latent: a *sample* of the posterior (as CompVis, also in img2img) × scale_factor."""
-        if hasattr(encoder_posterior, "sample") and callable(encoder_posterior.sample):
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
             z = encoder_posterior.sample(generator=generator)
         elif isinstance(encoder_posterior, torch.Tensor):
             z = encoder_posterior
