@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # Heavy submodules are imported on first use, so `import sdkit` stays fast.
-    if name in ("load_model", "save_compvis", "save_diffusers", "read_checkpoint"):
+    if name in ("load_model", "load_weights", "save_compvis", "save_diffusers", "read_checkpoint", "check_fits",
+                "CheckpointError"):
         from . import checkpoints
         return getattr(checkpoints, name)
     if name == "LatentDiffusion":
@@ -22,4 +23,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["bundled_configs", "get_obj_from_str", "instantiate_from_config", "load_config", "load_model",
-           "save_compvis", "save_diffusers", "read_checkpoint", "LatentDiffusion"]
+           "load_weights", "save_compvis", "save_diffusers", "read_checkpoint", "check_fits", "CheckpointError",
+           "LatentDiffusion"]
