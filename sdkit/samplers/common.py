@@ -1,0 +1,122 @@
+"""Pieces every sampler shares: input checks, the progress loop, noise, and the σ-space denoiser wrapper.
+
+Conventions (see ``sdkit.samplers.sample``):
+
+- ``eps_fn(x, t)`` takes the variance-preserving (VP) sample ``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε`` and float timesteps
+  ``t`` of shape [B], and returns ε with the shape of ``x``.
+- Samplers that work in σ (k-diffusion style: ``x_σ = x₀ + σ ε = x_t / √ᾱ_t``) turn ε into the denoised
+  ``x̂₀ = x_σ − σ ε`` through :func:`sigma_denoiser`.
+- Every sampler returns, and passes to ``callback``, samples in VP scaling, so all samplers agree on what ``x`` means.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def check_inputs(x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int) -> None:
+    """Fail early, with a message a person can act on, instead of deep inside a loop."""
+    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+        raise TypeError(f"x_T must be a floating-point tensor of noise, got {type(x_T).__name__}"
+                        + (f" of dtype {x_T.dtype}" if isinstance(x_T, torch.Tensor) else ""))
+    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.ndim != 1 or len(alphas_cumprod) < 2:
+        raise ValueError("alphas_cumprod must be a 1-D tensor of ᾱ_t for every training timestep "
+                         "(e.g. model.alphas_cumprod or sdkit.schedules.sd_v1_alphas_cumprod())")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer (the number of sampling steps), got {steps!r}")
+    if steps > len(alphas_cumprod):
+        raise ValueError(f"steps={steps} is more than the {len(alphas_cumprod)} training timesteps of this schedule")
+
+
+def time_dtype(x: torch.Tensor) -> torch.dtype:
+    """Timesteps go to the model as float32 (float64 when the sample itself is float64, e.g. in tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def timestep_batch(t: float, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), float(t), dtype=time_dtype(x), device=x.device)
+
+
+def call_eps(eps_fn: EpsFn, x: torch.Tensor, t: float) -> torch.Tensor:
+    """Evaluate ε at one timestep for the whole batch, and check the answer has the shape of x."""
+    eps = eps_fn(x, timestep_batch(t, x))
+    if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
+        shape = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+        raise ValueError(f"eps_fn returned {shape} for an input of shape {tuple(x.shape)}; it must return the "
+                         "ε-prediction with the same shape as x (a model with learned variance returns 2C "
+                         "channels: keep the first C)")
+    return eps
+
+
+def randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device (the CPU by default) and moved,
+    so that one seed gives the same noise on every device."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+
+
+def sigma_denoiser(eps_fn: EpsFn, sigmas: torch.Tensor, timesteps: torch.Tensor):
+    """``denoise(x, i)``: x̂₀ for a σ-space sample ``x`` at grid point ``i`` (σ = sigmas[i], model time
+    timesteps[i]). The model sees ``x / √(1+σ²)``, the VP sample it was trained on."""
+    def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+        sigma = float(sigmas[i])
+        eps = call_eps(eps_fn, x / math.sqrt(1.0 + sigma ** 2), float(timesteps[i]))
+        return x - sigma * eps
+    return denoise
+
+
+def vp_scale(sigma: float) -> float:
+    """Factor that takes a σ-space sample to VP scaling: 1/√(1+σ²) (1 at σ = 0)."""
+    return 1.0 / math.sqrt(1.0 + float(sigma) ** 2)
+
+
+class StepLoop:
+    """The loop every sampler runs: a tqdm bar (``disable_progress`` turns it off), a NaN/inf check after every
+    step, and ``callback(i, total, x, x0_pred)`` for live previews."""
+
+    def __init__(self, name: str, total: int, callback: Callback | None = None, disable_progress: bool = False,
+                 timesteps=None):
+        self.name, self.total, self.callback, self.timesteps = name, total, callback, timesteps
+        self.bar = tqdm(range(total), desc=name, disable=disable_progress, leave=False)
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def done(self, i: int, x: torch.Tensor, x0: torch.Tensor, scale: float = 1.0) -> None:
+        """Report step ``i``: ``x`` is the new sample (``scale`` takes it to VP scaling), ``x0`` the x̂₀ used."""
+        if not torch.isfinite(x).all():
+            where = "" if self.timesteps is None else f" (model timestep {float(self.timesteps[i]):g})"
+            self.bar.close()
+            raise FloatingPointError(
+                f"sampler {self.name!r}: the sample became NaN/inf at step {i + 1} of {self.total}{where}. "
+                "This usually means the model overflowed in float16/bfloat16: run the model in float32 "
+                "(model.float(), or --precision full), or check that eps_fn returns finite values.")
+        if self.callback is not None:
+            self.callback(i, self.total, x * scale if scale != 1.0 else x, x0)
+
+
+def start_sigma_sampler(x_T: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_T is unit-variance noise (the VP sample at the first timestep); σ-space samplers start from
+    ``x_T · √(1+σ_max²)``, as diffusers' ``init_noise_sigma`` does for SD's leading spacing."""
+    return x_T * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+
+
+def blend_known(x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, alpha_cumprod: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """CompVis inpainting blend: where ``mask`` is 1 keep ``x0`` noised to the current level, elsewhere keep x."""
+    known = math.sqrt(alpha_cumprod) * x0 + math.sqrt(1.0 - alpha_cumprod) * randn(x, generator)
+    return known * mask + (1.0 - mask) * x
+
+
+def prepare_sigma_sampler(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int,
+                          spacing: str, karras: bool, family: str, final: str = "zero"):
+    """Grid, starting sample and denoiser for a σ-space sampler: returns (x, sigmas, timesteps, denoise)."""
+    from .grids import sigma_grid
+    sigmas, ts = sigma_grid(alphas_cumprod, steps, spacing, karras, family, final)
+    return start_sigma_sampler(x_T, sigmas), sigmas, ts, sigma_denoiser(eps_fn, sigmas, ts)

@@ -1,0 +1,34 @@
+"""DDPM ancestral sampling (Ho et al. 2020) on any subset of timesteps (== diffusers DDPMScheduler,
+``variance_type="fixed_small"``): sample the posterior q(x_prev | x_t, x̂₀) of the respaced chain.
+
+With ᾱ_prev the next visited timestep (1 after the last) and β = 1 − ᾱ_t/ᾱ_prev:
+mean = √ᾱ_prev β/(1−ᾱ_t) x̂₀ + √(ᾱ_t/ᾱ_prev)(1−ᾱ_prev)/(1−ᾱ_t) x_t, variance = (1−ᾱ_prev)/(1−ᾱ_t) β.
+The last step adds no noise and returns the mean, as CompVis ``p_sample_loop`` does at t = 0.
+"""
+from __future__ import annotations
+
+import math
+
+from .common import StepLoop, call_eps, randn
+from .grids import ddim_timesteps
+
+
+def sample_ddpm(eps_fn, x_T, alphas_cumprod, steps=1000, *, spacing="compvis", timesteps=None, generator=None,
+                callback=None, disable_progress=False):
+    """DDPM; for the full CompVis chain use ``steps=1000, spacing="linspace"`` (t = 999 … 0)."""
+    ts = ddim_timesteps(steps, spacing, len(alphas_cumprod), timesteps)
+    ac = alphas_cumprod.detach().double().cpu()
+    a = [float(ac[t]) for t in ts]
+    a_prev = a[1:] + [1.0]
+    x = x_T
+    loop = StepLoop("ddpm", len(ts), callback, disable_progress, ts)
+    for i in loop:
+        eps = call_eps(eps_fn, x, ts[i])
+        pred_x0 = (x - math.sqrt(1 - a[i]) * eps) / math.sqrt(a[i])
+        beta = 1 - a[i] / a_prev[i]
+        x = (math.sqrt(a_prev[i]) * beta / (1 - a[i]) * pred_x0
+             + math.sqrt(a[i] / a_prev[i]) * (1 - a_prev[i]) / (1 - a[i]) * x)
+        if i < len(ts) - 1:
+            x = x + math.sqrt((1 - a_prev[i]) / (1 - a[i]) * beta) * randn(x, generator)
+        loop.done(i, x, pred_x0)
+    return x
