@@ -13,6 +13,15 @@ Common options: ``spacing`` ("compvis" = CompVis uniform +1, "leading", "trailin
 ``callback(i, total, x, x0_pred)`` after every step, ``disable_progress`` (turns the tqdm bar off). Each sampler
 documents its own options (``help(SAMPLERS["unipc"])``). Unknown names or options raise ValueError.
 
+Options every sampler takes, for the pipelines (img2img, inpainting):
+
+- ``start_step``: skip the first steps of the grid; ``x_T`` is then the VP sample at the noise level where step
+  ``start_step`` starts, ``noise_levels(sampler, …)[start_step]`` (ᾱ). Noise an image latent to exactly that level
+  and no step is lost or repeated (CompVis img2img noised one step too far).
+- ``mask``, ``x0``: before every step, where ``mask`` is 1 the sample is replaced by ``x0`` noised to that step's
+  level (CompVis' DDIM inpainting blend, for every sampler).
+- ``generator`` may be a list with one generator per batch item, so each item's noise is independent of the batch.
+
 CompVis-style classes for LatentDiffusion models: :class:`DDIMSampler`, :class:`PLMSSampler`,
 :class:`DPMSolverSampler`.
 """
@@ -23,6 +32,8 @@ import inspect
 import torch
 
 from .common import check_inputs
+from .dpm_solver import library_alphas_cumprod
+from .grids import ddim_timesteps, sigma_grid
 from .compvis import DDIMSampler, DPMSolverSampler, PLMSSampler
 from .ddim import sample_ddim
 from .ddpm import sample_ddpm
@@ -49,6 +60,36 @@ SAMPLERS = {
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "unipc": sample_unipc,
 }
+
+
+# Which grid each sampler walks (see grids.py): the DDIM family's integer timesteps, the k or DPM σ grids, or the
+# DPM-Solver library's continuous time grid.
+GRID_FAMILY = {"ddpm": "ddim", "ddim": "ddim", "plms": "ddim", "euler": "k", "euler_a": "k", "heun": "k",
+               "lms": "k", "dpmpp_2m": "dpm", "dpmpp_2m_sde": "dpm", "unipc": "dpm", "dpm_solver": "library",
+               "dpm_solver++": "library"}
+
+
+def noise_levels(sampler: str, alphas_cumprod: torch.Tensor, steps: int, **options) -> torch.Tensor:
+    """ᾱ of the sample each step of ``sampler`` starts from (float64, one value per step, highest noise first).
+
+    Takes the sampler's grid options (``spacing``, ``karras``, ``timesteps``, ``skip_type``, ``discretization``);
+    others are ignored. ``start_step=k`` with ``x_T = √ᾱ_k x₀ + √(1−ᾱ_k) ε`` (ᾱ_k = ``noise_levels(…)[k]``)
+    starts the sampler part-way down, e.g. for img2img."""
+    _lookup(sampler)
+    check_inputs(torch.zeros(1), alphas_cumprod, steps)
+    defaults = {p: v.default for p, v in inspect.signature(SAMPLERS[sampler]).parameters.items()}
+    get = lambda name: options.get(name, defaults.get(name))  # noqa: E731
+    family = GRID_FAMILY[sampler]
+    if family == "library" and get("discretization") == "diffusers":
+        family = "dpm"
+    ac = alphas_cumprod.detach().double().cpu()
+    if family == "ddim":
+        ts = ddim_timesteps(steps, get("spacing"), len(ac), get("timesteps"))
+        return ac[torch.from_numpy(ts.copy())]
+    if family == "library":
+        return library_alphas_cumprod(ac, steps, get("skip_type"))
+    sigmas, _ = sigma_grid(ac, steps, get("spacing"), bool(get("karras")), family)
+    return 1.0 / (1.0 + sigmas[:-1] ** 2)
 
 
 def sampler_options(sampler: str) -> list[str]:
@@ -81,5 +122,5 @@ def sample(eps_fn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str
         return fn(eps_fn, x_T, alphas_cumprod, steps, **options)
 
 
-__all__ = ["sample", "SAMPLERS", "sampler_options", "cfg_eps_fn", "DDIMSampler", "PLMSSampler", "DPMSolverSampler",
-           "sample_dpm_multistep"]
+__all__ = ["sample", "SAMPLERS", "sampler_options", "noise_levels", "cfg_eps_fn", "DDIMSampler", "PLMSSampler",
+           "DPMSolverSampler", "sample_dpm_multistep"]

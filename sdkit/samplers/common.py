@@ -54,11 +54,28 @@ def call_eps(eps_fn: EpsFn, x: torch.Tensor, t: float) -> torch.Tensor:
     return eps
 
 
-def randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def randn(x: torch.Tensor, generator) -> torch.Tensor:
     """Standard normal noise shaped like ``x``, drawn on the generator's device (the CPU by default) and moved,
-    so that one seed gives the same noise on every device."""
+    so that one seed gives the same noise on every device. ``generator`` may also be a list with one generator
+    per batch item: then item b's noise comes from its own generator, so it does not depend on the batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}; pass one per sample")
+        return torch.cat([randn(x[b:b + 1], g) for b, g in enumerate(generator)])
     device = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+
+
+def check_start_step(start_step: int, n: int) -> None:
+    """``start_step`` skips the first steps of an ``n``-step grid (img2img); at least one step must remain."""
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step < n:
+        raise ValueError(f"start_step must be an integer from 0 to {n - 1} (this grid has {n} steps), "
+                         f"got {start_step!r}")
+
+
+def check_inpainting(mask, x0) -> None:
+    if (mask is None) != (x0 is None):
+        raise ValueError("inpainting needs both mask and x0 (mask = 1 where x0 is kept)")
 
 
 def sigma_denoiser(eps_fn: EpsFn, sigmas: torch.Tensor, timesteps: torch.Tensor):
@@ -114,9 +131,22 @@ def blend_known(x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, alpha_cum
     return known * mask + (1.0 - mask) * x
 
 
+def blend_known_sigma(x: torch.Tensor, x0: torch.Tensor | None, mask: torch.Tensor | None, sigma: float,
+                      generator) -> torch.Tensor:
+    """The same blend for a σ-space sample (known = x0 + σ z); a no-op without a mask."""
+    if mask is None:
+        return x
+    known = x0 + float(sigma) * randn(x, generator)
+    return known * mask + (1.0 - mask) * x
+
+
 def prepare_sigma_sampler(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int,
-                          spacing: str, karras: bool, family: str, final: str = "zero"):
-    """Grid, starting sample and denoiser for a σ-space sampler: returns (x, sigmas, timesteps, denoise)."""
+                          spacing: str, karras: bool, family: str, final: str = "zero", start_step: int = 0):
+    """Grid, starting sample and denoiser for a σ-space sampler: returns (x, sigmas, timesteps, denoise).
+
+    ``start_step`` drops the first grid steps (img2img): x_T is then the VP sample at σ = sigmas[start_step]."""
     from .grids import sigma_grid
     sigmas, ts = sigma_grid(alphas_cumprod, steps, spacing, karras, family, final)
+    check_start_step(start_step, len(ts))
+    sigmas, ts = sigmas[start_step:], ts[start_step:]
     return start_sigma_sampler(x_T, sigmas), sigmas, ts, sigma_denoiser(eps_fn, sigmas, ts)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .common import StepLoop, blend_known, call_eps, randn
+from .common import StepLoop, blend_known, call_eps, check_inpainting, check_start_step, randn
 from .grids import ddim_timesteps
 
 
@@ -28,19 +28,21 @@ def ddim_sigmas(a: list[float], a_prev: list[float], eta: float) -> list[float]:
 
 def sample_ddim(eps_fn, x_T, alphas_cumprod, steps=50, *, eta=0.0, spacing="compvis", timesteps=None,
                 generator=None, callback=None, disable_progress=False, temperature=1.0, noise_dropout=0.0,
-                mask=None, x0=None, x0_fn=None, final_alpha_cumprod=None):
+                mask=None, x0=None, x0_fn=None, final_alpha_cumprod=None, start_step=0):
     """DDIM; ``eta=0`` is deterministic, ``eta=1`` is DDPM-like ancestral sampling.
 
     ``timesteps`` overrides ``spacing`` with explicit integer timesteps. ``mask``/``x0``: keep the known region
     (mask = 1) of ``x0`` at every step (CompVis inpainting). ``temperature``/``noise_dropout`` scale/drop the
     added noise (CompVis options). ``x0_fn`` post-processes x̂₀ (e.g. VQ quantisation).
     ``final_alpha_cumprod``: ᾱ the last step goes to (default ᾱ₀, as CompVis; 1.0 for the clean sample).
+    ``start_step``: skip the first grid steps (img2img); x_T is then the VP sample at ᾱ of ts[start_step].
     """
     ts = ddim_timesteps(steps, spacing, len(alphas_cumprod), timesteps)
+    check_start_step(start_step, len(ts))
+    ts = ts[start_step:]
     a, a_prev = ddim_alphas(alphas_cumprod, ts, final_alpha_cumprod)
     sig = ddim_sigmas(a, a_prev, eta)
-    if (mask is None) != (x0 is None):
-        raise ValueError("inpainting needs both mask and x0 (mask = 1 where x0 is kept)")
+    check_inpainting(mask, x0)
     x = x_T
     loop = StepLoop("ddim", len(ts), callback, disable_progress, ts)
     for i in loop:

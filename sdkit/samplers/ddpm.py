@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import math
 
-from .common import StepLoop, call_eps, randn
+from .common import StepLoop, blend_known, call_eps, check_inpainting, check_start_step, randn
 from .grids import ddim_timesteps
 
 
 def sample_ddpm(eps_fn, x_T, alphas_cumprod, steps=1000, *, spacing="compvis", timesteps=None, generator=None,
-                callback=None, disable_progress=False):
-    """DDPM; for the full CompVis chain use ``steps=1000, spacing="linspace"`` (t = 999 … 0)."""
+                callback=None, disable_progress=False, mask=None, x0=None, start_step=0):
+    """DDPM; for the full CompVis chain use ``steps=1000, spacing="linspace"`` (t = 999 … 0).
+    ``mask``/``x0``: inpainting blend as in ddim; ``start_step`` skips the first grid steps (img2img)."""
+    check_inpainting(mask, x0)
     ts = ddim_timesteps(steps, spacing, len(alphas_cumprod), timesteps)
+    check_start_step(start_step, len(ts))
+    ts = ts[start_step:]
     ac = alphas_cumprod.detach().double().cpu()
     a = [float(ac[t]) for t in ts]
     a_prev = a[1:] + [1.0]
     x = x_T
     loop = StepLoop("ddpm", len(ts), callback, disable_progress, ts)
     for i in loop:
+        if mask is not None:
+            x = blend_known(x, x0, mask, a[i], generator)
         eps = call_eps(eps_fn, x, ts[i])
         pred_x0 = (x - math.sqrt(1 - a[i]) * eps) / math.sqrt(a[i])
         beta = 1 - a[i] / a_prev[i]

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from .common import StepLoop, call_eps
+from .common import StepLoop, call_eps, check_inpainting, check_start_step, randn
 from .dpmpp import sample_dpm_multistep
 
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
@@ -151,9 +151,18 @@ def singlestep_plan(steps: int, order: int) -> list[int]:
     return [1] * steps
 
 
+def library_alphas_cumprod(alphas_cumprod: torch.Tensor, steps: int, skip_type: str = "time_uniform"
+                           ) -> torch.Tensor:
+    """ᾱ = α_t² at the start of each of the ``steps`` steps of the library's time grid (float64)."""
+    ns = DiscreteVPSchedule(alphas_cumprod)
+    ts = ns.time_steps(skip_type, ns.T, ns.eps, steps)[:-1]
+    return torch.tensor([ns.alpha(t) ** 2 for t in ts], dtype=torch.float64)
+
+
 def _sample(eps_fn, x_T, alphas_cumprod, steps, *, predict_x0, order, method, skip_type, lower_order_final,
             solver_type, denoise_to_zero, discretization, spacing, karras, generator, callback,
-            disable_progress, name):
+            disable_progress, name, mask=None, x0=None, start_step=0):
+    check_inpainting(mask, x0)
     if discretization == "diffusers":
         if method != "multistep" or denoise_to_zero:
             raise ValueError("discretization='diffusers' supports method='multistep' without denoise_to_zero")
@@ -161,7 +170,7 @@ def _sample(eps_fn, x_T, alphas_cumprod, steps, *, predict_x0, order, method, sk
             eps_fn, x_T, alphas_cumprod, steps, order=order, algorithm="dpmsolver++" if predict_x0 else "dpmsolver",
             solver_type="midpoint" if solver_type == "dpm_solver" else "heun", lower_order_final=lower_order_final,
             spacing=spacing, karras=karras, generator=generator, callback=callback,
-            disable_progress=disable_progress, name=name)
+            disable_progress=disable_progress, name=name, mask=mask, x0=x0, start_step=start_step)
     if discretization != "compvis":
         raise ValueError(f"discretization must be 'compvis' or 'diffusers', got {discretization!r}")
     if spacing != "compvis" or karras:
@@ -172,22 +181,35 @@ def _sample(eps_fn, x_T, alphas_cumprod, steps, *, predict_x0, order, method, sk
         if value not in allowed:
             raise ValueError(f"unknown {what} {value!r} for {name}; choose one of {allowed}")
     ns = DiscreteVPSchedule(alphas_cumprod)
+    # img2img: start at point start_step of the steps-step time grid and spend the remaining steps from there
+    # (for these three skip types that is exactly the tail of the full grid, for multistep)
+    check_start_step(start_step, steps)
+    t_start = ns.time_steps(skip_type, ns.T, ns.eps, steps)[start_step]
     solver = _Solver(eps_fn, ns, predict_x0, solver_type)
+
+    def blend(x, t):  # inpainting: the known region noised to time t, before each step's model call
+        if mask is None:
+            return x
+        known = ns.alpha(t) * x0 + ns.sigma(t) * randn(x, generator)
+        return known * mask + (1.0 - mask) * x
+
     run = _multistep if method == "multistep" else _singlestep
-    x = run(solver, x_T, steps, order, method, skip_type, lower_order_final,
-            lambda n, ts: StepLoop(name, n, callback, disable_progress, [ns.model_time(t) for t in ts]))
+    x = run(solver, x_T, steps - start_step, order, method, skip_type, lower_order_final,
+            lambda n, ts: StepLoop(name, n, callback, disable_progress, [ns.model_time(t) for t in ts]),
+            t_start, blend)
     if denoise_to_zero:  # one more call: jump from t = 1/N straight to x̂₀
         solver.model(x, ns.eps)
         x = solver.last_x0
     return x
 
 
-def _multistep(solver, x, steps, order, method, skip_type, lower_order_final, make_loop):
+def _multistep(solver, x, steps, order, method, skip_type, lower_order_final, make_loop, t_start, blend):
     """Order 1, then 2, … up to ``order`` (warm-up), one model call per step; with ``lower_order_final`` and
     fewer than 15 steps the last steps drop back to lower orders."""
     ns = solver.ns
     order = min(order, steps)  # the library asserts steps >= order; fewer steps simply use a lower order
-    ts = ns.time_steps(skip_type, ns.T, ns.eps, steps)
+    ts = ns.time_steps(skip_type, t_start, ns.eps, steps)
+    x = blend(x, ts[0])
     ms, hist = [solver.model(x, ts[0])], [ts[0]]
     loop = make_loop(steps, ts)
     for i in loop:
@@ -199,12 +221,13 @@ def _multistep(solver, x, steps, order, method, skip_type, lower_order_final, ma
         x = solver.multistep(x, ms, hist, ts[step], k)
         hist = (hist + [ts[step]])[-order:]
         if step < steps:  # the final model value is never needed
+            x = blend(x, ts[step])
             ms = (ms + [solver.model(x, ts[step])])[-order:]
         loop.done(i, x, x0)
     return x
 
 
-def _singlestep(solver, x, steps, order, method, skip_type, lower_order_final, make_loop):
+def _singlestep(solver, x, steps, order, method, skip_type, lower_order_final, make_loop, t_start, blend):
     """"singlestep": orders mixed so that NFE = steps (on the fine grid, or a K-point logSNR grid as in the paper);
     "singlestep_fixed": steps // order steps of ``order``."""
     ns = solver.ns
@@ -216,7 +239,7 @@ def _singlestep(solver, x, steps, order, method, skip_type, lower_order_final, m
         outer_n = len(orders)
     if not orders:
         raise ValueError(f"{method} of order {order} needs at least {order} steps, got {steps}")
-    ts = ns.time_steps(skip_type, ns.T, ns.eps, outer_n)
+    ts = ns.time_steps(skip_type, t_start, ns.eps, outer_n)
     if outer_n != len(orders):  # a fine grid: each step spans `order` of its intervals
         ts = [ts[j] for j in np.cumsum([0] + orders)]
     loop = make_loop(len(orders), ts)
@@ -226,7 +249,7 @@ def _singlestep(solver, x, steps, order, method, skip_type, lower_order_final, m
         h = ns.lam(t) - ns.lam(s)
         r1 = (ns.lam(inner[1]) - ns.lam(s)) / h if k > 1 else None
         r2 = (ns.lam(inner[2]) - ns.lam(s)) / h if k > 2 else None
-        x = solver.singlestep(x, s, t, k, r1, r2)
+        x = solver.singlestep(blend(x, s), s, t, k, r1, r2)
         loop.done(i, x, solver.last_x0)
     return x
 
@@ -234,20 +257,23 @@ def _singlestep(solver, x, steps, order, method, skip_type, lower_order_final, m
 def sample_dpm_solver(eps_fn, x_T, alphas_cumprod, steps=20, *, order=3, method="singlestep",
                       skip_type="time_uniform", lower_order_final=True, solver_type="dpm_solver",
                       denoise_to_zero=False, discretization="compvis", spacing="compvis", karras=False,
-                      generator=None, callback=None, disable_progress=False):
+                      generator=None, callback=None, disable_progress=False, mask=None, x0=None, start_step=0):
     """DPM-Solver (noise prediction). Default: DPM-Solver-3 singlestep ("DPM-Solver-fast"), NFE = steps."""
     return _sample(eps_fn, x_T, alphas_cumprod, steps, predict_x0=False, order=order, method=method,
                    skip_type=skip_type, lower_order_final=lower_order_final, solver_type=solver_type,
                    denoise_to_zero=denoise_to_zero, discretization=discretization, spacing=spacing, karras=karras,
-                   generator=generator, callback=callback, disable_progress=disable_progress, name="dpm_solver")
+                   generator=generator, callback=callback, disable_progress=disable_progress, name="dpm_solver",
+                   mask=mask, x0=x0, start_step=start_step)
 
 
 def sample_dpm_solver_pp(eps_fn, x_T, alphas_cumprod, steps=20, *, order=2, method="multistep",
                          skip_type="time_uniform", lower_order_final=True, solver_type="dpm_solver",
                          denoise_to_zero=False, discretization="compvis", spacing="compvis", karras=False,
-                         generator=None, callback=None, disable_progress=False):
+                         generator=None, callback=None, disable_progress=False, mask=None, x0=None,
+                         start_step=0):
     """DPM-Solver++ (data prediction). Default: 2M multistep, time-uniform, as CompVis ``DPMSolverSampler``."""
     return _sample(eps_fn, x_T, alphas_cumprod, steps, predict_x0=True, order=order, method=method,
                    skip_type=skip_type, lower_order_final=lower_order_final, solver_type=solver_type,
                    denoise_to_zero=denoise_to_zero, discretization=discretization, spacing=spacing, karras=karras,
-                   generator=generator, callback=callback, disable_progress=disable_progress, name="dpm_solver++")
+                   generator=generator, callback=callback, disable_progress=disable_progress, name="dpm_solver++",
+                   mask=mask, x0=x0, start_step=start_step)

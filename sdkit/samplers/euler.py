@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from .common import StepLoop, prepare_sigma_sampler, randn, vp_scale
+from .common import StepLoop, blend_known_sigma, check_inpainting, prepare_sigma_sampler, randn, vp_scale
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -19,12 +19,16 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
 
 
 def sample_euler(eps_fn, x_T, alphas_cumprod, steps=20, *, spacing="compvis", karras=False, generator=None,
-                 callback=None, disable_progress=False):
+                 callback=None, disable_progress=False, mask=None, x0=None, start_step=0):
     """Euler's method on the probability-flow ODE (deterministic; 1 model call per step)."""
-    x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "k")
+    check_inpainting(mask, x0)
+    x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "k",
+                                                   start_step=start_step)
+    known = x0
     loop = StepLoop("euler", len(ts), callback, disable_progress, ts)
     for i in loop:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x = blend_known_sigma(x, known, mask, sigma, generator)
         x0 = denoise(x, i)
         x = x + (x - x0) / sigma * (sigma_next - sigma)
         loop.done(i, x, x0, vp_scale(sigma_next))
@@ -32,12 +36,16 @@ def sample_euler(eps_fn, x_T, alphas_cumprod, steps=20, *, spacing="compvis", ka
 
 
 def sample_euler_ancestral(eps_fn, x_T, alphas_cumprod, steps=20, *, eta=1.0, spacing="compvis", karras=False,
-                           generator=None, callback=None, disable_progress=False):
+                           generator=None, callback=None, disable_progress=False, mask=None, x0=None, start_step=0):
     """Euler with ancestral noise: each step moves to σ_down and adds σ_up · z (``eta`` scales σ_up)."""
-    x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "k")
+    check_inpainting(mask, x0)
+    x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "k",
+                                                   start_step=start_step)
+    known = x0
     loop = StepLoop("euler_a", len(ts), callback, disable_progress, ts)
     for i in loop:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x = blend_known_sigma(x, known, mask, sigma, generator)
         x0 = denoise(x, i)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x + (x - x0) / sigma * (sigma_down - sigma)

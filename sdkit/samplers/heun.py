@@ -4,15 +4,19 @@ to σ = 0, is a plain Euler step, so NFE = 2·steps − 1.
 """
 from __future__ import annotations
 
-from .common import StepLoop, prepare_sigma_sampler, vp_scale
+from .common import StepLoop, blend_known_sigma, check_inpainting, prepare_sigma_sampler, vp_scale
 
 
 def sample_heun(eps_fn, x_T, alphas_cumprod, steps=20, *, spacing="compvis", karras=False, generator=None,
-                callback=None, disable_progress=False):
-    x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "k")
+                callback=None, disable_progress=False, mask=None, x0=None, start_step=0):
+    check_inpainting(mask, x0)
+    x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "k",
+                                                   start_step=start_step)
+    known = x0
     loop = StepLoop("heun", len(ts), callback, disable_progress, ts)
     for i in loop:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x = blend_known_sigma(x, known, mask, sigma, generator)
         x0 = denoise(x, i)
         d = (x - x0) / sigma
         x_euler = x + d * (sigma_next - sigma)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from numpy.polynomial import Polynomial
 
-from .common import StepLoop, prepare_sigma_sampler, vp_scale
+from .common import StepLoop, blend_known_sigma, check_inpainting, prepare_sigma_sampler, vp_scale
 
 
 def lms_coefficient(sigmas, order: int, i: int, j: int) -> float:
@@ -19,13 +19,16 @@ def lms_coefficient(sigmas, order: int, i: int, j: int) -> float:
 
 
 def sample_lms(eps_fn, x_T, alphas_cumprod, steps=20, *, order=4, spacing="compvis", karras=False, generator=None,
-               callback=None, disable_progress=False):
+               callback=None, disable_progress=False, mask=None, x0=None, start_step=0):
     if order < 1:
         raise ValueError(f"LMS order must be at least 1, got {order}")
-    x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "k")
-    slopes = []
+    check_inpainting(mask, x0)
+    x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "k",
+                                                   start_step=start_step)
+    slopes, known = [], x0
     loop = StepLoop("lms", len(ts), callback, disable_progress, ts)
     for i in loop:
+        x = blend_known_sigma(x, known, mask, sigmas[i], generator)
         x0 = denoise(x, i)
         slopes = (slopes + [(x - x0) / float(sigmas[i])])[-order:]
         cur = min(i + 1, order)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .common import StepLoop, blend_known, call_eps
+from .common import StepLoop, blend_known, call_eps, check_inpainting, check_start_step
 from .ddim import ddim_alphas
 from .grids import ddim_timesteps
 
@@ -24,14 +24,16 @@ def _combine(eps, history):
 
 
 def sample_plms(eps_fn, x_T, alphas_cumprod, steps=50, *, eta=0.0, spacing="compvis", timesteps=None,
-                generator=None, callback=None, disable_progress=False, mask=None, x0=None, x0_fn=None):
+                generator=None, callback=None, disable_progress=False, mask=None, x0=None, x0_fn=None,
+                start_step=0):
     """PLMS. Deterministic: ``eta`` must be 0 (use ddim for η > 0). ``generator`` only feeds the inpainting
-    blend (``mask``/``x0``, as in ddim)."""
+    blend (``mask``/``x0``, as in ddim). ``start_step`` skips the first grid steps (img2img)."""
     if eta != 0:
         raise ValueError(f"PLMS is deterministic, so eta must be 0 (got eta={eta}); use sampler='ddim' for eta > 0")
-    if (mask is None) != (x0 is None):
-        raise ValueError("inpainting needs both mask and x0 (mask = 1 where x0 is kept)")
+    check_inpainting(mask, x0)
     ts = ddim_timesteps(steps, spacing, len(alphas_cumprod), timesteps)
+    check_start_step(start_step, len(ts))
+    ts = ts[start_step:]
     a, a_prev = ddim_alphas(alphas_cumprod, ts)
 
     def ddim_step(x, eps, i):
