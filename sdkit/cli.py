@@ -17,6 +17,18 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watermark_decode(args: argparse.Namespace) -> int:
+    from .watermark import decode_command
+
+    return decode_command(args.file, args.payload)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training.run import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--unsafe-pickle", action="store_true",
                          help="allow full unpickling of a .ckpt you trust (runs code from the file)")
     convert.set_defaults(func=_convert)
+    watermark = sub.add_parser("watermark", help="invisible watermark tools")
+    watermark = watermark.add_subparsers(dest="action", required=True)
+    decode = watermark.add_parser("decode", help="read the invisible watermark of an image (exit 0 when found)")
+    decode.add_argument("file", help="an image file (PNG keeps the watermark; JPEG and resizing remove it)")
+    decode.add_argument("--payload", action="append", help="expected payload text (repeatable); default: "
+                        "'StableDiffusionV1' and 'sdkit'")
+    decode.set_defaults(func=_watermark_decode)
+    from .training.run import add_arguments as add_train_arguments  # argparse only: no Lightning import
+
+    train = sub.add_parser("train", help="train a model from configs (CompVis main.py: -b CONFIG ... key=value)",
+                           description="Train from configs merged left to right, then key=value overrides; "
+                                       "a run folder logs/<time>_<name>/ holds configs, checkpoints and images.")
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
+    from .pipelines.commands import add_arguments as add_generation_arguments  # argparse only: no torch import
+
+    add_generation_arguments(sub)  # generate, img2img, inpaint, upscale
     return parser
 
 

@@ -26,6 +26,14 @@ COMPVIS_TARGETS = {
     "ldm.modules.encoders.modules.TransformerEmbedder": "sdkit.nn.text.TransformerEmbedder",
     "ldm.modules.encoders.modules.ClassEmbedder": "sdkit.nn.text.ClassEmbedder",
     "ldm.modules.encoders.modules.SpatialRescaler": "sdkit.nn.rescaler.SpatialRescaler",
+    "ldm.modules.losses.LPIPSWithDiscriminator": "sdkit.nn.losses.LPIPSWithDiscriminator",
+    "ldm.modules.losses.contperceptual.LPIPSWithDiscriminator": "sdkit.nn.losses.LPIPSWithDiscriminator",
+    "ldm.modules.losses.vqperceptual.VQLPIPSWithDiscriminator": "sdkit.nn.losses.VQLPIPSWithDiscriminator",
+    "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator": "sdkit.nn.losses.VQLPIPSWithDiscriminator",
+    "ldm.lr_scheduler.LambdaWarmUpCosineScheduler": "sdkit.lr_schedulers.LambdaWarmUpCosineScheduler",
+    "ldm.lr_scheduler.LambdaWarmUpCosineScheduler2": "sdkit.lr_schedulers.LambdaWarmUpCosineScheduler2",
+    "ldm.lr_scheduler.LambdaLinearScheduler": "sdkit.lr_schedulers.LambdaLinearScheduler",
+    "main.DataModuleFromConfig": "sdkit.training.DataModule",
 }
 
 
