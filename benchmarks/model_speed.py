@@ -7,6 +7,9 @@
 Each measurement runs in a fresh process, so one model's allocations never count against another. Time is the
 median of ``--repeats`` calls after one warm-up call; memory is the peak resident set (CPU, from VmHWM after
 resetting it) or torch's peak allocation (CUDA) during those calls, above what the built model already holds.
+On the CPU the memory child runs with glibc's mmap threshold fixed at 64 KiB, so each tensor is its own mapping and is
+returned to the system when freed: the peak RSS then follows the peak of live tensors instead of the allocator's
+caching, which otherwise makes the numbers wander by ±20% between runs.
 The ratio column is sdkit / diffusers: below 1.0 means sdkit is faster or smaller.
 """
 from __future__ import annotations
@@ -92,6 +95,15 @@ def measure(impl: str, part: str, config: str, latent: int, batch: int, repeats:
     return {"seconds": statistics.median(times), "peak_mb": (peak - base) / 2 ** 20}
 
 
+def _child(job: str, extra_env: dict) -> dict:
+    """Run one measurement in a fresh process (time and memory use separate processes: the mmap setting that
+    makes memory exact slows allocation down)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **extra_env}
+    out = subprocess.run([sys.executable, __file__, "--child", job], check=True, capture_output=True, text=True,
+                         env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["sd-v1-inference", "tiny-test"])
@@ -114,10 +126,10 @@ def main() -> None:
         for part in args.parts:
             res = {}
             for impl in ("sdkit", "diffusers"):
-                job = [impl, part, config, args.latent, args.batch, args.repeats, args.device, args.dtype]
-                out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], check=True,
-                                     capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+                job = json.dumps([impl, part, config, args.latent, args.batch, args.repeats, args.device, args.dtype])
+                timing = _child(job, {})
+                memory = _child(job, {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"})
+                res[impl] = {"seconds": timing["seconds"], "peak_mb": memory["peak_mb"]}
             s, d = res["sdkit"], res["diffusers"]
             print(f"{config:<16} {part:<5} {s['seconds']:9.4f} {d['seconds']:12.4f} {s['seconds'] / d['seconds']:10.3f} "
                   f"{s['peak_mb']:9.1f} {d['peak_mb']:13.1f} {s['peak_mb'] / max(d['peak_mb'], 1e-9):9.3f}")

@@ -30,6 +30,12 @@ def nonlinearity(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
+def fresh_nonlinearity(x: torch.Tensor) -> torch.Tensor:
+    """SiLU of a tensor nothing else holds (a norm's output): in place when no gradient is recorded, which saves
+    one activation-sized buffer per block at inference (autograd needs the input, so it stays out of place then)."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
@@ -90,13 +96,13 @@ class ResnetBlock(nn.Module):
                 self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(nonlinearity(self.norm1(x)))
+        h = self.conv1(fresh_nonlinearity(self.norm1(x)))
         if temb is not None:
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        h = self.conv2(self.dropout(fresh_nonlinearity(self.norm2(h))))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return x + h
+        return h.add_(x)  # h is conv2's fresh output, and conv backward does not need it
 
 
 class AttnBlock(nn.Module):
@@ -115,8 +121,10 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         b, c, height, width = x.shape
-        # (B, C, H, W) -> (B, 1 head, H·W tokens, C)
-        q, k, v = (t.reshape(b, 1, c, height * width).transpose(2, 3) for t in (self.q(h), self.k(h), self.v(h)))
+        # (B, C, H, W) -> (B, 1 head, H·W tokens, C), contiguous: with channels strided, CPU attention falls back
+        # to the kernel that materialises the (H·W)² weight matrix
+        q, k, v = (t.reshape(b, 1, c, height * width).transpose(2, 3).contiguous()
+                   for t in (self.q(h), self.k(h), self.v(h)))
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(2, 3).reshape(b, c, height, width)
         return x + self.proj_out(h)
@@ -237,7 +245,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, None)), None)
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        return self.conv_out(fresh_nonlinearity(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -302,7 +310,7 @@ class Decoder(nn.Module):
                 h = self.up[i_level].upsample(h)
         if self.give_pre_end:
             return h
-        h = self.conv_out(nonlinearity(self.norm_out(h)))
+        h = self.conv_out(fresh_nonlinearity(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h
 
 

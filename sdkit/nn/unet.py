@@ -48,6 +48,14 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
+class NormSiLU(nn.SiLU):
+    """SiLU right after a norm layer: its input is a fresh tensor nobody else holds, so without autograd it runs
+    in place and saves one activation-sized buffer per block (no parameters: the state dict is unchanged)."""
+
+    def forward(self, x):
+        return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
 def normalization(channels):
     """The UNet's normalisation layer: GroupNorm32 with 32 groups (eps 1e-5)."""
     return GroupNorm32(32, channels)
@@ -159,7 +167,7 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
 
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+            normalization(channels), NormSiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
         )
         self.updown = up or down
         if up:
@@ -175,7 +183,7 @@ class ResBlock(TimestepBlock):
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out_channels))
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
-            nn.SiLU(),
+            NormSiLU(),
             nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
         )
@@ -437,7 +445,7 @@ class UNetModel(nn.Module):
                 self._feature_size += ch
 
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+            normalization(ch), NormSiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
         )
         if self.predict_codebook_ids:
             self.id_predictor = nn.Sequential(normalization(ch), nn.Conv2d(model_channels, n_embed, 1))
