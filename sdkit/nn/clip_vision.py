@@ -17,10 +17,9 @@ import warnings
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .text import CLIPMLP
+from .text import CLIPEncoder
 
 
 @dataclasses.dataclass
@@ -92,48 +91,6 @@ class CLIPVisionEmbeddings(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class CLIPVisionAttention(nn.Module):
-    """Multi-head self-attention over all tokens (no causal mask, unlike the text tower)."""
-
-    def __init__(self, config: CLIPVisionConfig):
-        super().__init__()
-        dim, self.heads = config.hidden_size, config.num_attention_heads
-        if dim % self.heads:
-            raise ValueError(f"hidden_size {dim} is not divisible by num_attention_heads {self.heads}.")
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = (proj(x).view(b, n, self.heads, -1).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class CLIPVisionEncoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
-
-    def __init__(self, config: CLIPVisionConfig):
-        super().__init__()
-        self.self_attn = CLIPVisionAttention(config)
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = CLIPMLP(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class CLIPVisionEncoder(nn.Module):
-    def __init__(self, config: CLIPVisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(CLIPVisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
-
-
 class CLIPVisionTransformer(nn.Module):
     """Embeddings -> pre_layrnorm (sic, the name in every CLIP checkpoint) -> layers; pooled = post_layernorm(cls)."""
 
@@ -142,7 +99,7 @@ class CLIPVisionTransformer(nn.Module):
         self.config = config
         self.embeddings = CLIPVisionEmbeddings(config)
         self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.encoder = CLIPVisionEncoder(config)
+        self.encoder = CLIPEncoder(config, causal=False)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> CLIPVisionOutput:

@@ -125,10 +125,11 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention (q/k/v/out projections with bias)."""
+    """Multi-head self-attention (q/k/v/out projections with bias); causal for the text tower, not for vision."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config, causal: bool = True):
         super().__init__()
+        self.causal = causal
         dim, self.heads = config.hidden_size, config.num_attention_heads
         if dim % self.heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_attention_heads {self.heads}.")
@@ -140,12 +141,13 @@ class CLIPAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = (proj(x).view(b, n, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # each token sees itself and the ones before
+        # text: each token sees itself and the ones before; vision: every patch sees every patch
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config):
         super().__init__()
         if config.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; use one of {list(ACTIVATIONS)}.")
@@ -160,9 +162,9 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(config, causal)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -173,9 +175,11 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    """The layer stack shared by CLIP's text (causal) and vision (bidirectional) towers."""
+
+    def __init__(self, config, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config, causal) for _ in range(config.num_hidden_layers))
 
 
 class CLIPTextTransformer(nn.Module):
