@@ -142,17 +142,23 @@ class DDIMSampler(_CompVisSampler):
                noise_dropout=0.0, score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None,
                log_every_t=100, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
                generator=None, **kwargs):
-        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
+        return self._run(sample_ddim, S, batch_size, shape, conditioning, callback, img_callback, quantize_x0, eta,
+                         verbose, x_T, log_every_t, unconditional_guidance_scale, unconditional_conditioning,
+                         score_corrector, corrector_kwargs, generator, eta=eta, temperature=temperature,
+                         noise_dropout=noise_dropout, mask=mask, x0=x0)
+
+    def _run(self, sampler_fn, S, batch_size, shape, conditioning, callback, img_callback, quantize_x0, ddim_eta,
+             verbose, x_T, log_every_t, scale, uc, score_corrector, corrector_kwargs, generator, **sampler_kwargs):
+        """The body CompVis' DDIM and PLMS ``sample`` share: schedule, start noise, guided ε, callbacks."""
+        self.make_schedule(ddim_num_steps=S, ddim_eta=ddim_eta, verbose=verbose)
         img = self._start(batch_size, shape, conditioning, x_T, generator)
         intermediates = {"x_inter": [img], "pred_x0": [img]}
         x0_fn = (lambda z: self.model.first_stage_model.quantize(z)[0]) if quantize_x0 else None
-        samples = sample_ddim(
-            self._eps_fn(conditioning, unconditional_conditioning, unconditional_guidance_scale, score_corrector,
-                         corrector_kwargs),
-            img, self.model.alphas_cumprod, eta=eta, timesteps=self.ddim_timesteps, generator=generator,
+        samples = sampler_fn(
+            self._eps_fn(conditioning, uc, scale, score_corrector, corrector_kwargs),
+            img, self.model.alphas_cumprod, timesteps=self.ddim_timesteps, generator=generator,
             callback=self._callbacks(callback, img_callback, log_every_t, intermediates),
-            disable_progress=not verbose, temperature=temperature, noise_dropout=noise_dropout, mask=mask, x0=x0,
-            x0_fn=x0_fn)
+            disable_progress=not verbose, x0_fn=x0_fn, **sampler_kwargs)
         return samples, intermediates
 
     def _encode_table(self, use_original_steps):
@@ -210,17 +216,9 @@ class PLMSSampler(DDIMSampler):
                noise_dropout=0.0, score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None,
                log_every_t=100, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
                generator=None, **kwargs):
-        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
-        img = self._start(batch_size, shape, conditioning, x_T, generator)
-        intermediates = {"x_inter": [img], "pred_x0": [img]}
-        x0_fn = (lambda z: self.model.first_stage_model.quantize(z)[0]) if quantize_x0 else None
-        samples = sample_plms(
-            self._eps_fn(conditioning, unconditional_conditioning, unconditional_guidance_scale, score_corrector,
-                         corrector_kwargs),
-            img, self.model.alphas_cumprod, timesteps=self.ddim_timesteps, generator=generator,
-            callback=self._callbacks(callback, img_callback, log_every_t, intermediates),
-            disable_progress=not verbose, mask=mask, x0=x0, x0_fn=x0_fn)
-        return samples, intermediates
+        return self._run(sample_plms, S, batch_size, shape, conditioning, callback, img_callback, quantize_x0, eta,
+                         verbose, x_T, log_every_t, unconditional_guidance_scale, unconditional_conditioning,
+                         score_corrector, corrector_kwargs, generator, mask=mask, x0=x0)
 
     def stochastic_encode(self, *args, **kwargs):
         raise NotImplementedError("PLMSSampler has no stochastic_encode (CompVis img2img is DDIM only); "
