@@ -639,11 +639,28 @@ def _warn_scale_factor(model: nn.Module, meta: dict) -> None:
                       f"{model_scale}; sdkit uses the config's value", stacklevel=3)
 
 
+def data_dir() -> Path:
+    """Where the kit's shipped weights live: $SDKIT_DATA, else the repository's ``data/`` folder."""
+    return Path(os.environ.get("SDKIT_DATA") or Path(__file__).resolve().parents[1] / "data")
+
+
+def shipped_weights(name: str) -> Path:
+    """The path of a shipped weights file named by a bundled config's ``weights:`` key."""
+    path = data_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the shipped weights {name!r} are not at {path}. They come with the sdkit repository (data/); "
+            "install sdkit from a clone with `pip install -e .`, or set SDKIT_DATA to the folder that holds them.")
+    return path
+
+
 def load_model(config: Any, ckpt: str | os.PathLike | dict | None = None, *, use_ema: bool = True,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None, unsafe_pickle: bool = False,
                strict: bool = True) -> nn.Module:
     """Build the model described by ``config`` (a bundled name such as "sd-v1-inference", a YAML path or a
     dict) and, if given, load ``ckpt`` (a .ckpt/.safetensors file, a diffusers folder, or a state dict).
+    Without ``ckpt``, a config with a top-level ``weights:`` key (the shipped "tiny") loads that file from
+    :func:`data_dir`; other configs stay random.
 
     EMA weights are used when the checkpoint has them, unless ``use_ema=False``. ``dtype`` casts the networks
     (the noise-schedule buffers stay float32). Returns the model in eval mode.
@@ -652,6 +669,8 @@ def load_model(config: Any, ckpt: str | os.PathLike | dict | None = None, *, use
 
     cfg = load_config(config)
     model = instantiate_from_config(cfg.model)
+    if ckpt is None and cfg.get("weights"):
+        ckpt = shipped_weights(cfg.weights)
     if ckpt is not None:
         meta = load_weights(model, ckpt, use_ema=use_ema, strict=strict, unsafe_pickle=unsafe_pickle,
                             config_name=_config_name(config))

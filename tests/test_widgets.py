@@ -1,0 +1,115 @@
+"""The notebook explorers: moving a control re-runs the pipeline with that value, previews arrive per step, and the
+mask painter turns mouse events into the mask the inpainting pipeline receives."""
+import numpy as np
+import pytest
+import torch
+
+import sdkit
+from sdkit.pipelines import img2img, inpaint, txt2img
+from sdkit.widgets import Img2ImgExplorer, png_bytes, InpaintExplorer, MaskPainter, Txt2ImgExplorer
+
+FAST = dict(steps=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """tiny-test with every weight random (its zero-initialised output layers would make ε ignore the prompt)."""
+    model = sdkit.load_model("tiny-test")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model
+
+
+def pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_moving_the_guidance_slider_re_renders_with_that_value(model):
+    explorer = Txt2ImgExplorer(model, "a red circle", guidance_scale=5.0, **FAST)
+    first = explorer.image.value
+    explorer.guidance.value = 1.0
+    assert explorer.renders == 2
+    assert explorer.image.value != first
+    expected = txt2img(model, "a red circle", guidance_scale=1.0, seed=0, progress=False, **FAST).images[0]
+    assert np.array_equal(pixels(explorer.result.images[0]), pixels(expected))
+    assert "guidance 1" in explorer.status.value
+    assert explorer._repr_mimebundle_()["text/plain"].startswith("Txt2ImgExplorer('a red circle'")
+
+
+def test_each_control_reaches_the_pipeline(model):
+    explorer = Txt2ImgExplorer(model, "a red circle", render=False, **FAST)
+    explorer.sampler.value = "euler_a"
+    explorer.eta.value = 0.5
+    explorer.seed.value = 7
+    explorer.steps.value = 3
+    expected = txt2img(model, "a red circle", sampler="euler_a", eta=0.5, seed=7, steps=3, guidance_scale=5.0,
+                       progress=False).images[0]
+    assert np.array_equal(pixels(explorer.result.images[0]), pixels(expected))
+
+
+def test_the_preview_shows_every_step(model):
+    explorer = Txt2ImgExplorer(model, "a red circle", render=False, **FAST)
+    shown = []
+    explorer.image.observe(lambda change: shown.append(change["new"]), names="value")
+    explorer.render()
+    # one x̂₀ per step, then the final image (the last step's x̂₀ is the final latent, so the same picture)
+    assert len(shown) >= 4 and len(set(map(bytes, shown))) >= 3
+    assert bytes(shown[-1]) == png_bytes(explorer.result.images[0])
+
+
+def test_img2img_strength_slider(model):
+    start = txt2img(model, "a red circle", seed=1, progress=False, **FAST).images[0]
+    explorer = Img2ImgExplorer(model, start, "a blue square", strength=0.6, **FAST)
+    explorer.strength.value = 0.3
+    expected = img2img(model, start, "a blue square", strength=0.3, sampler="ddim", seed=0, guidance_scale=5.0,
+                       progress=False, **FAST).images[0]
+    assert np.array_equal(pixels(explorer.result.images[0]), pixels(expected))
+
+
+def test_mouse_strokes_paint_discs_of_the_brush_radius():
+    from PIL import Image
+
+    painter = MaskPainter(Image.new("RGB", (32, 32), (200, 200, 200)), scale=4, brush=3.0)
+    painter._on_move(40, 40)            # moving without the button held paints nothing
+    assert painter.mask_array.sum() == 0
+    painter._on_down(40, 40)            # canvas pixels: image pixel (10, 10)
+    painter._on_up(40, 40)
+    yy, xx = np.mgrid[:32, :32]
+    disc = (xx + 0.5 - 10) ** 2 + (yy + 0.5 - 10) ** 2 <= 9
+    assert np.array_equal(painter.mask_array > 0, disc)
+    painter._on_down(40, 40)
+    painter._on_move(80, 40)            # a drag paints along the way it reports
+    painter._on_up(80, 40)
+    assert painter.mask_array[10, 10:21].all()   # the whole segment, not only its ends
+    painter.eraser.value = True
+    painter._on_down(40, 40)
+    assert painter.mask_array[10, 10] == 0
+    mask = painter.mask
+    assert mask.mode == "L" and mask.size == (32, 32)
+    painter.clear()
+    assert painter.mask_array.sum() == 0
+
+
+def test_inpaint_explorer_uses_the_painted_mask(model):
+    image = txt2img(model, "a red circle", seed=2, progress=False, **FAST).images[0]
+    explorer = InpaintExplorer(model, image, "a green triangle", **FAST)
+    explorer.button.click()
+    assert explorer.result is None and "mask is empty" in explorer.status.value
+    explorer.painter._on_down(16, 16)
+    explorer.painter._on_up(16, 16)
+    explorer.button.click()
+    expected = inpaint(model, image, explorer.painter.mask, "a green triangle", sampler="ddim", seed=0,
+                       guidance_scale=5.0, progress=False, **FAST).images[0]
+    assert np.array_equal(pixels(explorer.result.images[0]), pixels(expected))
+    far = explorer.painter.mask_array == 0
+    assert np.array_equal(pixels(explorer.result.images[0])[far], pixels(image)[far])   # composited back
