@@ -453,7 +453,7 @@ def _tensors_for_saving(state: dict, dtype: torch.dtype | None = None) -> dict:
     out, seen = {}, set()
     for k, t in state.items():
         t = t.detach().to("cpu")
-        if dtype is not None and t.is_floating_point():
+        if dtype is not None and t.is_floating_point() and "." in k:  # top-level schedule buffers stay exact
             t = t.to(dtype)
         t = t.contiguous()
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
@@ -475,7 +475,8 @@ def _save_safetensors(state: dict, path: Path, metadata: dict | None = None) -> 
 def save_compvis(model_or_state_dict: nn.Module | dict, path: str | os.PathLike, *,
                  dtype: torch.dtype | None = None) -> Path:
     """Write a CompVis single-file checkpoint: ``.safetensors``, or ``.ckpt``/``.pt``/``.pth`` as
-    ``torch.save({"state_dict": ...})``. ``dtype`` (e.g. torch.float16) casts floating-point tensors.
+    ``torch.save({"state_dict": ...})``. ``dtype`` (e.g. torch.float16) casts the networks' floating-point
+    tensors; the top-level buffers (noise schedule, scale_factor) keep their precision.
 
     The file is written next to ``path`` under a temporary name and moved into place when complete.
     """

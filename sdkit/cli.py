@@ -6,13 +6,15 @@ import sys
 
 
 def _convert(args: argparse.Namespace) -> int:
+    import torch
+
     from .checkpoints import load_model, save_compvis, save_diffusers
 
     model = load_model(args.config, args.ckpt, use_ema=not args.no_ema, unsafe_pickle=args.unsafe_pickle)
     if args.to == "diffusers":
         save_diffusers(model, args.out)
     else:
-        save_compvis(model, args.out)
+        save_compvis(model, args.out, dtype=torch.float16 if args.half else None)
     print(f"wrote {args.out}")
     return 0
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-ema", action="store_true", help="keep the raw (non-EMA) UNet weights")
     convert.add_argument("--unsafe-pickle", action="store_true",
                          help="allow full unpickling of a .ckpt you trust (runs code from the file)")
+    convert.add_argument("--half", action="store_true", help="store float16 weights (compvis; half the size)")
     convert.set_defaults(func=_convert)
     watermark = sub.add_parser("watermark", help="invisible watermark tools")
     watermark = watermark.add_subparsers(dest="action", required=True)

@@ -548,3 +548,14 @@ def test_missing_paths_and_hub_ids():
         read_checkpoint("runwayml/stable-diffusion-v1-5")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_checkpoint("/no/such/model.ckpt")
+
+
+def test_half_precision_files_keep_the_schedule_exact(tmp_path):
+    model = load_model("tiny-test")
+    path = save_compvis(model, tmp_path / "half.safetensors", dtype=torch.float16)
+    state, _ = read_checkpoint(path)
+    assert state["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    assert state["alphas_cumprod"].dtype == torch.float32
+    assert torch.equal(state["alphas_cumprod"], model.alphas_cumprod)
+    reloaded = load_model("tiny-test", path)
+    assert torch.equal(reloaded.sqrt_recipm1_alphas_cumprod, model.sqrt_recipm1_alphas_cumprod)
