@@ -444,3 +444,19 @@ def test_cli_generate_writes_pngs(tmp_path, capsys):
 def test_cli_without_a_model_says_how_to_pass_one(tmp_path):
     with pytest.raises(SystemExit, match="--config CONFIG"):
         main(["generate", "x", "--out", str(tmp_path)])
+
+
+def test_generated_pngs_carry_a_watermark_that_decodes(tmp_path, capsys):
+    """From a pipeline's output written by the CLI to the CLI's decoder: the kit's payload survives the PNG on
+    disk (a 4x upscale of a 64x64 image gives 256x256, large enough to carry it)."""
+    source = tmp_path / "small.png"
+    random_image(64, 64, seed=5).save(source)
+    for flags, folder in ((["--watermark", "sdkit"], "marked"), (["--no-watermark"], "plain")):
+        assert main(["upscale", str(source), "--config", "tiny-upscaler-test", "--seed", "1", "--steps", "2",
+                     "--out", str(tmp_path / folder), "--no-progress", *flags]) == 0
+    (marked,), (plain,) = (tmp_path / "marked").iterdir(), (tmp_path / "plain").iterdir()
+    assert Image.open(marked).size == (256, 256)
+    capsys.readouterr()
+    assert main(["watermark", "decode", str(marked)]) == 0
+    assert "sdkit" in capsys.readouterr().out
+    assert main(["watermark", "decode", str(plain)]) != 0
