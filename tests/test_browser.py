@@ -135,10 +135,10 @@ def browser_available() -> bool:
         import playwright  # noqa: F401
     except ImportError:
         return False
-    return os.path.exists(CHROMIUM)
+    return os.path.exists(CHROMIUM) and NOTEBOOK.exists()
 
 
-@pytest.mark.skipif(not browser_available(), reason="needs Debian's chromium and the playwright package")
+@pytest.mark.skipif(not browser_available(), reason="needs Debian's chromium, the playwright package and notebooks/00_tour.ipynb")
 def test_moving_the_guidance_slider_in_jupyterlab_changes_the_image(tmp_path):
     screenshot = Path(os.environ.get("SDKIT_BROWSER_SCREENSHOT") or tmp_path / "guidance-slider.png")
     seen = move_guidance_slider(screenshot)

@@ -150,6 +150,13 @@ def noise_like(shape: Sequence[int], gens: Sequence[torch.Generator], device, dt
 
 
 # ------------------------------------------------------------------------------------------------ prompts
+def count_images(prompt, num_images: int | None) -> int:
+    """``num_images`` when given; otherwise one image per prompt of a list, or 1 for a single string."""
+    if num_images is not None:
+        return num_images
+    return 1 if isinstance(prompt, str) or prompt is None else len(list(prompt))
+
+
 def as_prompt_list(prompt: str | Sequence[str], n: int, what: str = "prompt") -> list[str]:
     if isinstance(prompt, str):
         return [prompt] * n

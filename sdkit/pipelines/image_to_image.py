@@ -11,13 +11,14 @@ from typing import Sequence
 import torch
 
 from .common import (DEFAULT_SAMPLER, DEFAULT_STEPS, PipelineResult, as_prompt_list, batches, check_count,
+                     count_images,
                      check_sampling_args, check_strength, decode, encode_image, finish, generators, geometry,
                      grid_levels, guided_eps_fn, image_tensor, noise_like, noised, pad_to_multiple, resolve_seeds,
                      run_sampler, sampler_kwargs, steps_for_strength, text_conditioning)
 
 
 def img2img(model, init_image, prompt: str | Sequence[str], *, strength: float = 0.75,
-            negative_prompt: str | Sequence[str] = "", num_images: int = 1, steps: int = DEFAULT_STEPS,
+            negative_prompt: str | Sequence[str] = "", num_images: int | None = None, steps: int = DEFAULT_STEPS,
             sampler: str = DEFAULT_SAMPLER, guidance_scale: float = 7.5, eta: float = 0.0,
             seed: int | Sequence[int] | None = None, noise: torch.Tensor | None = None,
             batch_size: int | None = None, callback=None, safety_checker=None, watermark: str | None = None,
@@ -42,6 +43,7 @@ def img2img(model, init_image, prompt: str | Sequence[str], *, strength: float =
     strength = check_strength(strength)
     check_sampling_args(sampler, steps, guidance_scale)
     options = sampler_kwargs(sampler, spacing, karras, eta, **sampler_options)
+    num_images = count_images(prompt, num_images)
     batch_size = check_count(num_images, batch_size)
     x = image_tensor(init_image, "init_image")
     seeds = resolve_seeds(seed, num_images)

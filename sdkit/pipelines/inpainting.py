@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..data.transforms import gaussian_blur
 from .common import (DEFAULT_SAMPLER, DEFAULT_STEPS, PipelineResult, as_prompt_list, batches, check_count,
+                     count_images,
                      check_sampling_args, check_strength, decode, encode_image, finish, generators, geometry,
                      grid_levels, guided_eps_fn, image_tensor, mask_tensor, noise_like, noised, pad_to_multiple,
                      resolve_seeds, run_sampler, sampler_kwargs, steps_for_strength, text_conditioning)
@@ -48,7 +49,7 @@ def latent_mask(mask: torch.Tensor, factor: int, how: str) -> torch.Tensor:
 
 
 def inpaint(model, image, mask, prompt: str | Sequence[str], *, strength: float = 1.0,
-            negative_prompt: str | Sequence[str] = "", num_images: int = 1, steps: int = DEFAULT_STEPS,
+            negative_prompt: str | Sequence[str] = "", num_images: int | None = None, steps: int = DEFAULT_STEPS,
             sampler: str = DEFAULT_SAMPLER, guidance_scale: float = 7.5, eta: float = 0.0,
             seed: int | Sequence[int] | None = None, mask_blur: float = 0.0, mask_resize: str | None = None,
             use_inpainting_unet: bool | None = None, composite: bool = True, batch_size: int | None = None,
@@ -72,6 +73,7 @@ def inpaint(model, image, mask, prompt: str | Sequence[str], *, strength: float 
     strength = check_strength(strength)
     check_sampling_args(sampler, steps, guidance_scale)
     options = sampler_kwargs(sampler, spacing, karras, eta, **sampler_options)
+    num_images = count_images(prompt, num_images)
     batch_size = check_count(num_images, batch_size)
     nine = is_inpainting_model(model) if use_inpainting_unet is None else bool(use_inpainting_unet)
     if nine and not is_inpainting_model(model):

@@ -6,18 +6,21 @@ from typing import Sequence
 import torch
 
 from .common import (DEFAULT_SAMPLER, DEFAULT_STEPS, PipelineResult, as_prompt_list, batches, check_count,
+                     count_images,
                      check_sampling_args, decode, finish, generators, geometry, guided_eps_fn, noise_like,
                      resolve_seeds, round_up, run_sampler, sampler_kwargs, text_conditioning)
 
 
-def txt2img(model, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "", num_images: int = 1,
+def txt2img(model, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
+            num_images: int | None = None,
             height: int | None = None, width: int | None = None, steps: int = DEFAULT_STEPS,
             sampler: str = DEFAULT_SAMPLER, guidance_scale: float = 7.5, eta: float = 0.0,
             seed: int | Sequence[int] | None = None, x_T: torch.Tensor | None = None, batch_size: int | None = None,
             callback=None, safety_checker=None, watermark: str | None = None, spacing: str = "compvis",
             karras: bool = False, progress: bool = True, decode_tile: int | None = None,
             **sampler_options) -> PipelineResult:
-    """Generate ``num_images`` images for ``prompt`` (a string, or one string per image).
+    """Generate ``num_images`` images for ``prompt`` (a string, or one string per image; with a list,
+    ``num_images`` defaults to its length).
 
     Defaults: DPM-Solver++(2M) (``sampler="dpmpp_2m"``) for 20 steps at guidance 7.5; CompVis' own default was
     DDIM/PLMS for 50 steps (``sampler="ddim", steps=50`` or ``"plms"``). Any sampler of ``sdkit.samplers.SAMPLERS``
@@ -38,6 +41,7 @@ def txt2img(model, prompt: str | Sequence[str], *, negative_prompt: str | Sequen
     """
     check_sampling_args(sampler, steps, guidance_scale)
     options = sampler_kwargs(sampler, spacing, karras, eta, **sampler_options)
+    num_images = count_images(prompt, num_images)
     batch_size = check_count(num_images, batch_size)
     geo = geometry(model)
     height = geo.default_size if height is None else height
