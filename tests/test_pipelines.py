@@ -441,9 +441,19 @@ def test_cli_generate_writes_pngs(tmp_path, capsys):
     assert "unknown sampler 'nope'" in capsys.readouterr().err
 
 
-def test_cli_without_a_model_says_how_to_pass_one(tmp_path):
-    with pytest.raises(SystemExit, match="--config CONFIG"):
-        main(["generate", "x", "--out", str(tmp_path)])
+def test_cli_uses_the_shipped_model_by_default(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="without the invisible watermark"):  # 64x64 is too small to carry it
+        assert main(["generate", "a red circle", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    (png,) = out.iterdir()
+    assert Image.open(png).size == (64, 64)
+    assert "random weights" not in capsys.readouterr().err
+
+
+def test_cli_says_where_the_shipped_weights_should_be(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDKIT_DATA", str(tmp_path))          # a folder without data/tiny.safetensors
+    assert main(["generate", "x", "--out", str(tmp_path / "out")]) == 2
+    assert "SDKIT_DATA" in capsys.readouterr().err
 
 
 def test_generated_pngs_carry_a_watermark_that_decodes(tmp_path, capsys):
@@ -460,3 +470,12 @@ def test_generated_pngs_carry_a_watermark_that_decodes(tmp_path, capsys):
     assert main(["watermark", "decode", str(marked)]) == 0
     assert "sdkit" in capsys.readouterr().out
     assert main(["watermark", "decode", str(plain)]) != 0
+
+
+def test_a_list_of_prompts_gives_one_image_each(model):
+    result = txt2img(model, ["a", "b", "c"], seed=0, **FAST)
+    assert len(result.images) == 3 and result.seeds == [0, 1, 2]
+    alone = txt2img(model, "b", seed=1, **FAST)
+    assert torch.equal(result.latents[1], alone.latents[0])
+    with pytest.raises(ValueError, match="list of 2 strings"):
+        txt2img(model, ["a", "b", "c"], num_images=2, **FAST)
