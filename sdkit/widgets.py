@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import time
+from abc import ABC, abstractmethod
 
 import ipywidgets as widgets
 import numpy as np
@@ -40,7 +41,7 @@ def pixelated_style() -> widgets.HTML:
     return widgets.HTML(f"<style>.sdkit-pixelated img, img.sdkit-pixelated {{ {PIXELATED} }}</style>")
 
 
-class Explorer:
+class Explorer(ABC):
     """Shared machinery: a row of controls, a preview image, a status line; re-render on change."""
 
     title = "explorer"
@@ -54,14 +55,17 @@ class Explorer:
         self.renders = 0
         self.widget: widgets.Widget | None = None
 
+    @abstractmethod
     def controls(self) -> list[widgets.Widget]:
-        raise NotImplementedError
+        """Subclasses say this."""
 
+    @abstractmethod
     def run(self, callback):
-        raise NotImplementedError
+        """Subclasses say this."""
 
+    @abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        """Subclasses say this."""
 
     def watch(self) -> None:
         for control in self.controls():

@@ -18,21 +18,13 @@ from sdkit.samplers import SAMPLERS, DDIMSampler, DPMSolverSampler, PLMSSampler,
 from sdkit.schedules import timesteps as sd_timesteps
 
 # diffusers' own warnings (numpy-2 np.array on tensors, its deprecated noise-prediction DPM-Solver) are not ours
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 AC = DDIMScheduler(**SD).alphas_cumprod  # diffusers' float32 ᾱ; both libraries get the same schedule
 SHAPE = (2, 4, 8, 8)
 TOL = 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: extra intra-op threads only fight over the 2 cores (4× slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def noise(seed=0):

@@ -11,12 +11,7 @@ from sdkit.widgets import Img2ImgExplorer, png_bytes, InpaintExplorer, MaskPaint
 FAST = dict(steps=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
