@@ -353,7 +353,8 @@ class ImageTextEncoder(Protocol):
     """A CLIP-like model: images and texts into one embedding space (only directions matter)."""
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images [B, 3, H, W] in [0, 1] -> [B, D]. The model does its own resizing and normalisation."""
+        """Float images [B, 3, H, W] -> [B, D], in [0, 1] unless the model has an ``image_range`` attribute (the
+        kit's SmallCLIP takes [-1, 1]). The model does its own resizing and normalisation."""
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Prompts -> [N, D]."""
@@ -413,6 +414,8 @@ class SmallSafetyChecker(ConceptChecker):
         return self._encode(images)
 
     def _encode(self, images: list[torch.Tensor]) -> torch.Tensor:
+        low, high = getattr(self.clip_model, "image_range", (0.0, 1.0))  # checker images are in [0, 1]
+        images = [x * (high - low) + low for x in images]
         if len({tuple(x.shape) for x in images}) == 1:
             return self.clip_model.encode_image(torch.stack(images))
         return torch.cat([self.clip_model.encode_image(x[None]) for x in images])  # mixed sizes: one at a time

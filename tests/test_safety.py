@@ -420,3 +420,17 @@ def test_small_checker_calibration_on_held_out_images():
     assert (report["any"]["precision"], report["any"]["recall"]) == pytest.approx(overall)
     with pytest.raises(ValueError, match="needs images with and without"):
         checker.calibrate(calib_x, [None] * len(calib_x))
+
+
+def test_small_checker_gives_the_kit_small_clip_its_input_range():
+    """Checker images are in [0, 1]; the kit's SmallCLIP takes [-1, 1] (its `image_range`): the checker rescales."""
+    from sdkit.training.clip import SmallCLIP
+
+    torch.manual_seed(0)
+    clip = SmallCLIP(embed_dim=16, vision={"width": 8, "channel_mult": [1, 2], "blocks": 1}).eval()
+    images = torch.rand(3, 3, 64, 64)
+    checker = SmallSafetyChecker.from_clip(clip, ["a red heart", "a flag"], thresholds=[0.0, 0.0])
+    result = checker.check(images)
+    with torch.no_grad():
+        expected = clip.encode_image(images * 2 - 1) @ clip.encode_text(["a red heart", "a flag"]).T
+    assert torch.allclose(result.distances, expected, atol=1e-5)

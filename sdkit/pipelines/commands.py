@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 SHIPPED_MODEL = "tiny"
+SHIPPED_UPSCALER = "tiny-upscaler"   # the default of `sdkit upscale`
 
 
 def _common(parser: argparse.ArgumentParser, *, steps: int, sampler: str, guidance: float, eta: float,
@@ -88,18 +89,19 @@ def add_arguments(sub) -> None:
 def load(args):
     """The model the arguments ask for, or an error saying how to ask for one."""
     from ..checkpoints import load_model
-    from ..config import bundled_configs
+    from ..config import bundled_configs, load_config
 
     if args.config is None and args.ckpt is None:
-        if SHIPPED_MODEL not in bundled_configs():
+        shipped = SHIPPED_UPSCALER if args.command == "upscale" else SHIPPED_MODEL
+        if shipped not in bundled_configs():
             raise SystemExit(
-                f"sdkit {args.command}: no model given, and the kit's shipped small model ({SHIPPED_MODEL!r}) is not "
+                f"sdkit {args.command}: no model given, and the kit's shipped small model ({shipped!r}) is not "
                 "installed in this version. Pass one: --config CONFIG [--ckpt WEIGHTS], e.g. --config "
                 "sd-v1-inference --ckpt v1-5-pruned-emaonly.safetensors, or --config tiny-test for a quick "
                 "random-weight smoke test.")
-        return load_model(SHIPPED_MODEL, device=args.device)
+        return load_model(shipped, device=args.device)
     config = args.config or "sd-v1-inference"
-    if args.ckpt is None:
+    if args.ckpt is None and not load_config(config).get("weights"):
         print(f"sdkit {args.command}: no --ckpt given: {config} has random weights, so the images will be noise",
               file=sys.stderr)
     return load_model(config, args.ckpt, device=args.device, unsafe_pickle=args.unsafe_pickle)

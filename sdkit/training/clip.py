@@ -128,6 +128,8 @@ class SmallCLIP(nn.Module):
         self.text = towers[text_encoder](embed_dim, **dict(text or {}))
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
 
+    image_range = (-1.0, 1.0)  # what encode_image takes (the safety checker reads this and rescales its [0, 1])
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] → L2-normalised embeddings [B, D]."""
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
