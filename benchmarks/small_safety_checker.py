@@ -7,8 +7,11 @@ another: precision and recall of "flagged" per concept, and for "any concept" ve
 The kit's data has nothing unsafe in it, so stand-in concepts play the part of the banned ones:
 - shapes: "a heart" and "a star" (an image is positive when any object in it has that shape). Calibration: the
   shapes validation split (attribute combinations the CLIP never saw) with seed 2; test: the same split, seed 3.
-- emoji: "a flag" (positive: the emoji's name starts with "flag"). Calibration: Twemoji validation split; test:
-  OpenMoji validation split (the same 95 held-out names in the other style: the CLIP saw neither).
+- emoji: "a flag" (positive: the emoji's name starts with "flag"). The 95 emoji of the validation split (never seen
+  by the CLIP) in two styles: calibrated on Twemoji and measured on OpenMoji, then the other way round; the pooled
+  line adds both measurements up.
+Shapes scenes hold several objects and the CLIP embeds the whole scene, so one cosine threshold separates "has a
+heart somewhere" poorly; emoji show one thing each, as the photos SD's checker was made for mostly do.
 """
 from __future__ import annotations
 
@@ -48,6 +51,15 @@ def run(clip, concepts: dict[str, str], calibration, test, target_precision: flo
             "n_test": len(test[1])}
 
 
+def pool(measurements: list[dict]) -> dict:
+    """Precision and recall of several measurements added up (true positives = precision × flagged)."""
+    flagged = sum(m["flagged"] for m in measurements)
+    positives = sum(m["positives"] for m in measurements)
+    hits = sum(round(m["precision"] * m["flagged"]) for m in measurements)
+    return {"precision": hits / flagged if flagged else 1.0, "recall": hits / positives if positives else 1.0,
+            "flagged": flagged, "positives": positives}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clip-config", default="tiny-clip")
@@ -61,8 +73,14 @@ def main() -> None:
     results = {
         "shapes": run(clip, {"heart": "a heart", "star": "a star"}, shapes_set(args.n, 2), shapes_set(args.n, 3),
                       args.target_precision),
-        "emoji": run(clip, {"flag": "a flag"}, emoji_set("twemoji"), emoji_set("openmoji"), args.target_precision),
+        "emoji twemoji→openmoji": run(clip, {"flag": "a flag"}, emoji_set("twemoji"), emoji_set("openmoji"),
+                                      args.target_precision),
+        "emoji openmoji→twemoji": run(clip, {"flag": "a flag"}, emoji_set("openmoji"), emoji_set("twemoji"),
+                                      args.target_precision),
     }
+    results["emoji pooled"] = {"thresholds": {}, "n_test": 2 * results["emoji twemoji→openmoji"]["n_test"],
+                               "test": {"a flag": pool([results[k]["test"]["a flag"] for k in
+                                                        ("emoji twemoji→openmoji", "emoji openmoji→twemoji")])}}
     print(f"calibrated for precision >= {args.target_precision:g} on held-out set 1, measured on held-out set 2:")
     print("| set | concept | threshold | test precision | test recall | flagged / positives (of n) |")
     print("|---|---|---|---|---|---|")

@@ -1,0 +1,33 @@
+"""The shipped small models (data/*.safetensors) still do what their model cards say, on held-out data whose
+truth comes from the datasets themselves (the procedural scenes' attributes, the emoji drawn at full size)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sdkit
+from sdkit.data.emoji import EmojiDataset
+from sdkit.data.shapes import ShapesDataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def single_object_scenes(n: int, seed: int) -> list[dict]:
+    data = ShapesDataset(length=n, size=64, seed=seed, split="validation", caption_style="canonical")
+    return [item for item in (data[i] for i in range(n)) if len(item["meta"]["scene"]["groups"]) == 1]
+
+
+@pytest.mark.parametrize("attribute, template, bar", [("colour", "a {} object", 0.95), ("shape", "a {}", 0.85)])
+def test_small_clip_names_the_colour_and_shape_of_held_out_scenes(attribute, template, bar):
+    """Zero-shot: the caption "a <value>" nearest to the image must name the scene's own value. Measured on 211
+    held-out scenes at release: colour 100%, shape 96.7% (data/tiny-clip.md); chance is 1/8 and 1/6."""
+    clip = sdkit.load_model("tiny-clip")
+    items = single_object_scenes(300, seed=4)
+    values = sorted({item["meta"]["scene"]["groups"][0][attribute] for item in items})
+    with torch.no_grad():
+        image = clip.encode_image(torch.stack([item["image"] for item in items]))
+        text = clip.encode_text([template.format(v) for v in values])
+    predicted = (image @ text.T).argmax(dim=1)
+    truth = torch.tensor([values.index(item["meta"]["scene"]["groups"][0][attribute]) for item in items])
+    assert (predicted == truth).float().mean().item() >= bar
