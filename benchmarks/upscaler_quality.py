@@ -59,7 +59,7 @@ def evaluate(model, n: int = 95, steps: int = 50, eta: float = 1.0) -> dict:
 def side_by_side(out: dict, count: int = 8) -> Image.Image:
     """Rows: input (32×32, shown with nearest-neighbour pixels), bicubic, upscaler, ground truth."""
     cell, label_w = 128, 90
-    rows = {"input 32×32": out["low"], "bicubic": bicubic(out["low"]), "upscaler": out["upscaled"],
+    rows = {"input 32x32": out["low"], "bicubic": bicubic(out["low"]), "upscaler": out["upscaled"],
             "ground truth": out["truth"]}
     sheet = Image.new("RGB", (label_w + count * cell, len(rows) * cell), "white")
     draw = ImageDraw.Draw(sheet)
