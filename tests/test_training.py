@@ -305,6 +305,28 @@ def test_conditioning_dropout_rate_and_empty_prompt():
     assert again == drop[600:]
 
 
+def test_frozen_encoders_run_in_float32_under_bf16_mixed_precision():
+    """Under bf16-mixed the cached latents and text states equal the float32 encoders' (as at inference)."""
+    from sdkit.training.diffusion import LatentDiffusionModule
+
+    cfg = sdkit.load_config("tiny-test")
+    module = LatentDiffusionModule(OmegaConf.to_container(cfg.model), seed=3, cache_latents=True,
+                                   cache_text=True, cache_dtype="float32")
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    captions = ["a red circle", "two blue squares at the top", ""]
+    batch = {"jpg": x.permute(0, 2, 3, 1), "txt": captions, "index": torch.arange(3)}
+    with torch.no_grad():
+        want_z = module.ldm.encode_first_stage(x).parameters
+        want_c = module.ldm.get_learned_conditioning(captions)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = module.ldm.encode_first_stage(x).parameters   # what an unguarded encoder would cache
+            got_z = module.posterior_moments(batch, "train")
+            got_c = module.encode_text(captions)
+    assert not torch.allclose(rounded.float(), want_z, atol=1e-4), "autocast had no effect: test is vacuous"
+    assert got_z.dtype == torch.float32 and torch.allclose(got_z, want_z, atol=1e-6)
+    assert torch.allclose(got_c, want_c, atol=1e-6)
+
+
 # ============================================================================================ losses
 
 

@@ -107,8 +107,14 @@ class LatentDiffusionModule(WrappedModule):
                 self._latent_cache[keys[j]] = self._moments(x[j:j + 1].to(self.device))[0].detach().cpu()
         return torch.stack([self._latent_cache[k] for k in keys]).to(self.device)
 
+    def _full_precision(self):
+        """Frozen encoders run in float32 also under mixed precision (bf16-mixed): their outputs are inputs to
+        the diffusion model, cached and reused for the whole run, and at inference they run in float32."""
+        return torch.autocast(self.device.type, enabled=False)
+
     def _moments(self, x: torch.Tensor) -> torch.Tensor:
-        encoded = self.ldm.encode_first_stage(x)
+        with self._full_precision():
+            encoded = self.ldm.encode_first_stage(x.float())
         moments = encoded.parameters if isinstance(encoded, DiagonalGaussianDistribution) else encoded
         return moments.float()
 
@@ -124,10 +130,13 @@ class LatentDiffusionModule(WrappedModule):
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """Text conditioning, through the cache when ``cache_text`` (frozen text encoders only)."""
-        if not self.cache_text or self.ldm.cond_stage_trainable:
+        if self.ldm.cond_stage_trainable:
             return self.ldm.get_learned_conditioning(captions)
+        if not self.cache_text:
+            with self._full_precision():
+                return self.ldm.get_learned_conditioning(captions)
         missing = sorted({c for c in captions if c not in self._text_cache})
-        with torch.no_grad():
+        with torch.no_grad(), self._full_precision():
             for c in missing:  # one at a time, so the cached value does not depend on the batch (see above)
                 self._text_cache[c] = self.ldm.get_learned_conditioning([c])[0].detach().to("cpu", self.cache_dtype)
         return torch.stack([self._text_cache[c].float() for c in captions]).to(self.device)
