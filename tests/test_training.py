@@ -115,10 +115,10 @@ def unbroken(tmp_path_factory):
 RESUME_RUN = dict(max_steps=6, every=2, extra={"lightning": {"trainer": {"accumulate_grad_batches": 2}}})
 
 
-def test_sigkill_then_resume_equals_unbroken_run(unbroken, tmp_path):
+def test_sigkill_then_resume_equals_unbroken_run(unbroken, tmp_path, capsys):
     """Killed with SIGKILL after step 5 (last.ckpt from step 4 = batch 8, mid-epoch 2), resumed: the final
-    weights, EMA, AdamW moments and data position equal the unbroken run's. The resumed process starts with
-    empty latent/text caches and refills them from other batches than the unbroken run did."""
+    weights, EMA, AdamW moments and data position equal the unbroken run's. The resumed process reads the
+    latent/text caches written with the step-4 checkpoint instead of encoding the data again."""
     _, _, reference = unbroken
     config = write_config(tmp_path, **RESUME_RUN)
     proc = train_subprocess(tmp_path, config, "killed", "lightning.callbacks.killer.target=training_helpers.KillAt",
@@ -126,7 +126,11 @@ def test_sigkill_then_resume_equals_unbroken_run(unbroken, tmp_path):
     assert proc.returncode == -9, proc.stderr[-2000:]
     killed = run_folder(tmp_path / "logs", "killed")
     assert load(killed / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert (killed / "cache" / "encodings-rank0.pt").is_file()
+    capsys.readouterr()
     run_mod.main(["--resume", str(killed), "lightning.callbacks.killer=null"])
+    out = capsys.readouterr().out
+    assert "28 latents" in out, out  # all 24 training and 4 validation items were encoded before step 4
     a, b = load(reference / "checkpoints" / "last.ckpt"), load(killed / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 6
     assert a["DataModule"] == b["DataModule"] == {"batches_consumed": 12, "stream_start": 0}
@@ -135,6 +139,30 @@ def test_sigkill_then_resume_equals_unbroken_run(unbroken, tmp_path):
                   for i in a["optimizer_states"][0]["state"])
     print(f"resumed vs unbroken: max |Δweight| {diff:.3g}, max |ΔAdamW state| {moments:.3g}")
     assert diff <= 1e-6 and moments <= 1e-6
+
+
+def test_encoding_cache_round_trip_and_fingerprint(tmp_path):
+    """The cache file gives back exactly what was stored, and only to a run with the same data and encoders."""
+    from sdkit.training import encoding_cache
+
+    first_stage, text_encoder = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(4, 4)
+    key = encoding_cache.fingerprint("data: a", first_stage, text_encoder, torch.float16)
+    latents = {("train", i): torch.randn(8, 2, 2) for i in range(5)}
+    texts = {f"caption {i}": torch.randn(3, 4).half() for i in range(3)}
+    path = tmp_path / "cache" / "encodings-rank0.pt"
+    encoding_cache.save(path, key, latents, texts)
+    got_latents, got_texts = encoding_cache.load(path, key)
+    assert got_latents.keys() == latents.keys() and got_texts.keys() == texts.keys()
+    assert all(torch.equal(got_latents[k], v) for k, v in latents.items())
+    assert all(torch.equal(got_texts[k], v) and got_texts[k].dtype == torch.float16 for k, v in texts.items())
+    with torch.no_grad():
+        first_stage.weight[0, 0, 0, 0] += 1e-3
+    for other in (encoding_cache.fingerprint("data: a", first_stage, text_encoder, torch.float16),
+                  encoding_cache.fingerprint("data: b", torch.nn.Conv2d(3, 8, 3), text_encoder, torch.float16),
+                  key[::-1]):
+        assert other != key and encoding_cache.load(path, other) is None
+    path.write_bytes(b"not a torch file")
+    assert encoding_cache.load(path, key) is None
 
 
 def test_checkpoint_keys_are_compvis_and_load_with_sdkit(unbroken):

@@ -15,11 +15,14 @@ them)::
       training:
         cache_latents: true        # encode each image once (needs a deterministic dataset: no random augmentation)
         cache_text: true           # encode each distinct caption once
+                                   # (sdkit train keeps both caches in <run>/cache/, so a resumed run reuses them)
         gradient_checkpointing: false
         weight_decay: 0.01
 """
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -29,6 +32,7 @@ from ..config import instantiate_from_config
 from ..diffusion import LatentDiffusion
 from ..nn.autoencoder import AutoencoderKL
 from ..nn.distributions import DiagonalGaussianDistribution
+from . import encoding_cache
 from .strategies import ema_update, full_parameters, is_fsdp
 from .common import WrappedModule, batch_value, build, image_input, per_sample_randn, sample_generators
 
@@ -84,6 +88,10 @@ class LatentDiffusionModule(WrappedModule):
         self.log_images_kwargs = dict(log_images_kwargs or {})
         self._latent_cache: dict[tuple[str, int], torch.Tensor] = {}
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._cache_dir: Path | None = None   # set by sdkit train: <run>/cache (see encoding_cache)
+        self._cache_data_config = ""
+        self._cache_fingerprint: str | None = None
+        self._cache_sizes_saved = (0, 0)
         if gradient_checkpointing is not None:
             set_gradient_checkpointing(self.ldm.model, gradient_checkpointing)
 
@@ -110,6 +118,8 @@ class LatentDiffusionModule(WrappedModule):
     def _full_precision(self):
         """Frozen encoders run in float32 also under mixed precision (bf16-mixed): their outputs are inputs to
         the diffusion model, cached and reused for the whole run, and at inference they run in float32."""
+        if not torch.amp.is_autocast_available(self.device.type):  # e.g. "meta": nothing to switch off
+            return contextlib.nullcontext()
         return torch.autocast(self.device.type, enabled=False)
 
     def _moments(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +164,40 @@ class LatentDiffusionModule(WrappedModule):
             if c.ndim == 4 and c.shape[-1] in (1, 3, 4) and c.shape[1] not in (1, 3, 4):
                 c = c.permute(0, 3, 1, 2).contiguous()
         return self.ldm.get_learned_conditioning(c)
+
+    # ------------------------------------------------------------------ caches kept across restarts
+    def use_cache_dir(self, folder: Path | str, data_config: str) -> None:
+        """Keep the latent and text caches in ``folder`` (written at checkpoints, read when a run starts)."""
+        self._cache_dir, self._cache_data_config = Path(folder), data_config
+
+    def _cache_file(self) -> Path | None:
+        if self._cache_dir is None or not (self.cache_latents or self.cache_text):
+            return None
+        if self._cache_fingerprint is None:
+            text_encoder = None if self.ldm.cond_stage_trainable else self.ldm.cond_stage_model
+            self._cache_fingerprint = encoding_cache.fingerprint(
+                self._cache_data_config, self.ldm.first_stage_model, text_encoder, self.cache_dtype)
+        return self._cache_dir / f"encodings-rank{self.global_rank}.pt"
+
+    def on_fit_start(self) -> None:
+        path = self._cache_file()
+        stored = encoding_cache.load(path, self._cache_fingerprint) if path is not None else None
+        if stored is not None:
+            latents, texts = stored
+            for k, v in latents.items():
+                self._latent_cache.setdefault(k, v)
+            for k, v in texts.items():
+                self._text_cache.setdefault(k, v)
+            self._cache_sizes_saved = (len(latents), len(texts))
+            print(f"encoding cache {path}: {len(latents)} latents, {len(texts)} captions")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        path = self._cache_file()
+        sizes = (len(self._latent_cache), len(self._text_cache))
+        if path is not None and sizes != self._cache_sizes_saved:  # only when they grew: after an epoch, never
+            encoding_cache.save(path, self._cache_fingerprint, self._latent_cache, self._text_cache)
+            self._cache_sizes_saved = sizes
 
     # ------------------------------------------------------------------ loss
     def shared_step(self, batch: Mapping, step: int, split: str, ucg: float):

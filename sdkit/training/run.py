@@ -277,6 +277,8 @@ def run(args: argparse.Namespace) -> int:
     module = build_module(config, learning_rate=float(config.model.get("base_learning_rate", 1e-4)),
                           seed=args.seed)
     module.run_config = OmegaConf.to_yaml(config)
+    if hasattr(module, "use_cache_dir"):  # encoded data survives a restart (training/encoding_cache.py)
+        module.use_cache_dir(run_dir / "cache", OmegaConf.to_yaml(config.data))
     previous_env = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP ranks Lightning starts during fit
     try:
