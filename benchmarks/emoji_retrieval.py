@@ -26,12 +26,12 @@ from prompt_following import contact_sheet
 
 
 def retrieval(clip, images: torch.Tensor, captions: list[str], k: int = 5) -> tuple[torch.Tensor, dict]:
-    """Images [N, 3, H, W] in [-1, 1], captions [N] (image i shows caption i) → similarity [N, N] and the
-    fraction of images whose own caption ranks first / in the top k among all N captions."""
+    """Images [N, 3, H, W] in [-1, 1], captions [N] (image i shows caption i) → each image's rank of its own
+    caption (0 = first) and the fraction of images whose own caption ranks first / in the top k of all N."""
     with torch.no_grad():
         sims = clip.encode_image(images) @ clip.encode_text(captions).T
     rank = (sims > sims.diagonal()[:, None]).sum(dim=1)          # how many captions beat the right one
-    return sims, {"top1": (rank == 0).float().mean().item(), f"top{k}": (rank < k).float().mean().item()}
+    return rank, {"top1": (rank == 0).float().mean().item(), f"top{k}": (rank < k).float().mean().item()}
 
 
 def pick(split: str, style: str, n: int, seed: int = 0) -> list[dict]:
@@ -51,9 +51,8 @@ def evaluate(model, clip, items: list[dict], guidance: float = 5.0, steps: int =
     seconds = time.perf_counter() - start
     generated = torch.stack([to_tensor(im) for im in images])
     real = torch.stack([item["image"] for item in items])
-    sims, scores = retrieval(clip, generated, captions)
+    rank, scores = retrieval(clip, generated, captions)
     _, ceiling = retrieval(clip, real, captions)
-    rank = (sims > sims.diagonal()[:, None]).sum(dim=1)
     return {"n": len(items), "guidance": guidance, "steps": steps, "sampler": sampler, "seconds": seconds,
             "generated": scores, "dataset_renders": ceiling, "images": images, "captions": captions,
             "hits": (rank < 5).tolist()}
