@@ -355,6 +355,47 @@ def test_frozen_encoders_run_in_float32_under_bf16_mixed_precision():
     assert torch.allclose(got_c, want_c, atol=1e-6)
 
 
+def test_init_from_continues_a_model_and_can_grow_it(tmp_path):
+    """init_from loads every weight (EMA by default); with init_strict=False a model with cross-attention at one
+    more resolution starts from the file and, its new blocks being identities, predicts exactly the same noise."""
+    from safetensors.torch import save_file
+
+    from sdkit.training.diffusion import LatentDiffusionModule
+
+    def model_config(attention_resolutions):
+        cfg = OmegaConf.to_container(sdkit.load_config("tiny-test").model)
+        cfg["params"]["unet_config"]["params"]["attention_resolutions"] = attention_resolutions
+        return cfg
+
+    torch.manual_seed(0)
+    trained = LatentDiffusionModule(model_config([2]), seed=3)
+    with torch.no_grad():   # move every weight off its initial value, zero-initialised ones included
+        for p in trained.ldm.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    file = tmp_path / "stage.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.ldm.state_dict().items()}, str(file))
+
+    same = LatentDiffusionModule(model_config([2]), seed=4, init_from=str(file), init_use_ema=False)
+    assert max_diff(same.ldm.model.state_dict(), trained.ldm.model.state_dict()) == 0.0
+    with pytest.raises(CheckpointError, match="not in the checkpoint"):
+        LatentDiffusionModule(model_config([2, 1]), seed=4, init_from=str(file), init_use_ema=False)
+    with pytest.warns(UserWarning, match="keep their initial values"):
+        grown = LatentDiffusionModule(model_config([2, 1]), seed=4, init_from=str(file), init_use_ema=False,
+                                      init_strict=False)
+    new = [k for k in grown.ldm.model.state_dict() if k not in trained.ldm.model.state_dict()]
+    assert new and all(".transformer_blocks." in k or ".proj_" in k or ".norm." in k for k in new), new
+
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    context = torch.randn(2, 77, sdkit.load_config("tiny-test").model.params.unet_config.params.context_dim)
+    with torch.no_grad():
+        want = trained.ldm.apply_model(x, t, context)
+        got = grown.ldm.apply_model(x, t, context)
+        grown.ldm.model.diffusion_model.input_blocks[1][1].proj_out.weight.add_(0.1)   # a non-identity block
+        moved = grown.ldm.apply_model(x, t, context)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(moved, want, atol=1e-3), "the new attention block is not in the forward pass"
+
+
 # ============================================================================================ losses
 
 

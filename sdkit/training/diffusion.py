@@ -59,6 +59,10 @@ class LatentDiffusionModule(WrappedModule):
             the ``first_stage_model.`` prefix. CompVis put this in first_stage_config.params.ckpt_path.
         init_from: a full LatentDiffusion checkpoint to start from (fine-tuning), loaded with EMA weights when
             ``init_use_ema`` and the file has them.
+        init_strict: with False, weights the model has and ``init_from`` lacks keep their initial values (with a
+            warning), so a trained model can grow: e.g. a SpatialTransformer added at another resolution starts
+            as the identity (its output projection is zero-initialised) and the grown model at first computes
+            exactly what the checkpoint's model did.
     """
 
     inner = "ldm"
@@ -67,7 +71,7 @@ class LatentDiffusionModule(WrappedModule):
                  cache_text: bool = False, cache_dtype: str = "float16", gradient_checkpointing: bool | None = None,
                  weight_decay: float = 0.01, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
                  log_images_kwargs: Mapping | None = None, first_stage_ckpt: str | None = None,
-                 init_from: str | None = None, init_use_ema: bool = True):
+                 init_from: str | None = None, init_use_ema: bool = True, init_strict: bool = True):
         super().__init__(seed=seed, learning_rate=learning_rate)
         self.ldm: LatentDiffusion = build(model)
         if not isinstance(self.ldm, LatentDiffusion):
@@ -79,7 +83,7 @@ class LatentDiffusionModule(WrappedModule):
                 f"(super-resolution) and unconditional models")
         if init_from is not None:  # fine-tuning: every weight from a checkpoint (EMA ones by default)
             from ..checkpoints import load_weights
-            load_weights(self.ldm, init_from, use_ema=init_use_ema)
+            load_weights(self.ldm, init_from, use_ema=init_use_ema, strict=init_strict)
         if first_stage_ckpt is not None:
             load_first_stage(self.ldm, first_stage_ckpt)
         self.cache_latents, self.cache_text = cache_latents, cache_text
