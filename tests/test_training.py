@@ -356,8 +356,8 @@ def test_frozen_encoders_run_in_float32_under_bf16_mixed_precision():
 
 
 def test_init_from_continues_a_model_and_can_grow_it(tmp_path):
-    """init_from loads every weight (EMA by default); with init_strict=False a model with cross-attention at one
-    more resolution starts from the file and, its new blocks being identities, predicts exactly the same noise."""
+    """init_from loads every weight of a file; with init_strict=False a model with cross-attention at one more
+    resolution starts from the file and, its new blocks being identities, predicts exactly the same noise."""
     from safetensors.torch import save_file
 
     from sdkit.training.diffusion import LatentDiffusionModule
@@ -386,7 +386,7 @@ def test_init_from_continues_a_model_and_can_grow_it(tmp_path):
     assert new and all(".transformer_blocks." in k or ".proj_" in k or ".norm." in k for k in new), new
 
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
-    context = torch.randn(2, 77, sdkit.load_config("tiny-test").model.params.unet_config.params.context_dim)
+    context = torch.randn(2, 77, model_config([2])["params"]["unet_config"]["params"]["context_dim"])
     with torch.no_grad():
         want = trained.ldm.apply_model(x, t, context)
         got = grown.ldm.apply_model(x, t, context)
