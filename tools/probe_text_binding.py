@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from sdkit.data.shapes import COLOURS, SHAPES, ShapesDataset
+from sdkit.data.shapes import COLOURS, SHAPES, ShapesDataset, _plural
 from sdkit.nn.text import FrozenMiniLMEmbedder
 
 
@@ -24,42 +24,46 @@ def token_states(n: int, batch: int = 64):
     encoder = FrozenMiniLMEmbedder(max_length=32)
     data = ShapesDataset(length=n, size=64, seed=7, split="train", caption_style="canonical", two_group_prob=1.0)
     colours, shapes = list(COLOURS), list(SHAPES)
+    shape_words = set(shapes) | {_plural(s) for s in shapes}
     rows = {"shape word -> its colour": ([], []), "colour word -> its shape": ([], [])}
     captions, scenes = [], []
 
     def encode():
         with torch.no_grad():
             states = encoder(captions)
-        for b, (caption, groups) in enumerate(zip(captions, scenes)):
-            words = encoder.tokenizer.convert_ids_to_tokens(encoder.tokenizer(caption)["input_ids"])
-            shape_at = [i for i, w in enumerate(words) if w in shapes or w[:-1] in shapes or w == "crosses"]
+        for b, (ids, groups) in enumerate(zip(encoder.tokenizer(captions)["input_ids"], scenes)):
+            words = encoder.tokenizer.convert_ids_to_tokens(ids)
+            shape_at = [i for i, w in enumerate(words) if w in shape_words]
             colour_at = [i for i, w in enumerate(words) if w in colours]
             if len(shape_at) != 2 or len(colour_at) != 2:   # a shape or colour word split into pieces: skip
                 continue
             for k, group in enumerate(groups):
                 rows["shape word -> its colour"][0].append(states[b, shape_at[k]])
-                rows["shape word -> its colour"][1].append(colours.index(group["colour"]))
+                rows["shape word -> its colour"][1].append(colours.index(group.colour))
                 rows["colour word -> its shape"][0].append(states[b, colour_at[k]])
-                rows["colour word -> its shape"][1].append(shapes.index(group["shape"]))
+                rows["colour word -> its shape"][1].append(shapes.index(group.shape))
 
     for i in range(n):
-        groups = data[i]["meta"]["scene"]["groups"]
-        if len(groups) != 2 or groups[0]["colour"] == groups[1]["colour"] or groups[0]["shape"] == groups[1]["shape"]:
+        scene, _, text = data.example(i)   # caption and attributes only: no image is drawn
+        a, b = scene.groups
+        if a.colour == b.colour or a.shape == b.shape:
             continue   # only captions where pairing is ambiguous to a bag of words
-        captions.append(data[i]["caption"])
-        scenes.append(groups)
+        captions.append(text)
+        scenes.append(scene.groups)
         if len(captions) == batch:
             encode()
             captions, scenes = [], []
     if captions:
         encode()
-    return {name: (torch.stack(x).float(), torch.tensor(y)) for name, (x, y) in rows.items()}
+    classes = {"shape word -> its colour": len(colours), "colour word -> its shape": len(shapes)}
+    return {name: (torch.stack(x).float(), torch.tensor(y), classes[name]) for name, (x, y) in rows.items()}
 
 
-def linear_probe_accuracy(x: torch.Tensor, y: torch.Tensor, train_fraction: float = 0.7, steps: int = 500) -> float:
-    """Multinomial logistic regression (Adam, small L2) on the first part, accuracy on the rest."""
+def linear_probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int, train_fraction: float = 0.7,
+                          steps: int = 500) -> tuple[float, int]:
+    """Multinomial logistic regression (Adam, small L2) on the first part; accuracy on the rest and its size."""
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    n_train, n_classes = int(len(x) * train_fraction), int(y.max()) + 1
+    n_train = int(len(x) * train_fraction)
     probe = torch.nn.Linear(x.shape[1], n_classes)
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-3)
     for _ in range(steps):
@@ -68,7 +72,7 @@ def linear_probe_accuracy(x: torch.Tensor, y: torch.Tensor, train_fraction: floa
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        return (probe(x[n_train:]).argmax(1) == y[n_train:]).float().mean().item()
+        return (probe(x[n_train:]).argmax(1) == y[n_train:]).float().mean().item(), len(x) - n_train
 
 
 def main() -> None:
@@ -76,10 +80,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=6000, help="two-group scenes to draw (some are skipped)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    for name, (x, y) in token_states(args.n).items():
-        accuracy = linear_probe_accuracy(x, y)
-        print(f"{name}: {accuracy:.1%} of {len(x) - int(len(x) * 0.7)} held-out tokens "
-              f"(chance {1 / (int(y.max()) + 1):.1%}, bag of words 50%)")
+    for name, (x, y, n_classes) in token_states(args.n).items():
+        accuracy, n_test = linear_probe_accuracy(x, y, n_classes)
+        print(f"{name}: {accuracy:.1%} of {n_test} held-out tokens (chance {1 / n_classes:.1%}, bag of words 50%)")
 
 
 if __name__ == "__main__":
