@@ -69,7 +69,11 @@ class CrossAttention(nn.Module):
     """Multi-head attention of queries from `x` over keys/values from `context` (self-attention without it).
 
     `mask` (optional, bool [batch, context tokens], True = attend) hides context tokens, as in CompVis.
+    With `record_attention` set, the softmax is computed explicitly and kept (with its graph) in `attention`
+    [batch, heads, queries, tokens], for losses on the attention maps (sdkit.training.grounding).
     """
+
+    record_attention = False
 
     def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.0):
         super().__init__()
@@ -97,7 +101,14 @@ class CrossAttention(nn.Module):
             keep = mask.reshape(mask.shape[0], 1, 1, -1).bool()
             attn_mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
             attn_mask = attn_mask.masked_fill(~keep, -torch.finfo(q.dtype).max)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        if self.record_attention:
+            scores = (q @ k.transpose(-1, -2)) * self.scale
+            if attn_mask is not None:
+                scores = scores + attn_mask
+            self.attention = scores.softmax(dim=-1)
+            out = self.attention @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return self.to_out(out)
 

@@ -18,6 +18,7 @@ them)::
                                    # (sdkit train keeps both caches in <run>/cache/, so a resumed run reuses them)
         gradient_checkpointing: false
         weight_decay: 0.01
+        grounding_weight: 0.0      # > 0: add the attention grounding loss on shape captions (training/grounding.py)
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from ..config import instantiate_from_config
 from ..diffusion import LatentDiffusion
 from ..nn.autoencoder import AutoencoderKL
 from ..nn.distributions import DiagonalGaussianDistribution
-from . import encoding_cache
+from . import encoding_cache, grounding
 from .strategies import ema_update, full_parameters, is_fsdp
 from .common import WrappedModule, batch_value, build, image_input, per_sample_randn, sample_generators
 
@@ -63,6 +64,9 @@ class LatentDiffusionModule(WrappedModule):
             warning), so a trained model can grow: e.g. a SpatialTransformer added at another resolution starts
             as the identity (its output projection is zero-initialised) and the grown model at first computes
             exactly what the checkpoint's model did.
+        grounding_weight: weight of the attention grounding loss (sdkit.training.grounding) added to the training
+            loss: the cross-attention a shape caption's colour and shape words get should fall on their group's
+            pixels. 0 (the default) leaves training as CompVis had it.
     """
 
     inner = "ldm"
@@ -71,7 +75,8 @@ class LatentDiffusionModule(WrappedModule):
                  cache_text: bool = False, cache_dtype: str = "float16", gradient_checkpointing: bool | None = None,
                  weight_decay: float = 0.01, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
                  log_images_kwargs: Mapping | None = None, first_stage_ckpt: str | None = None,
-                 init_from: str | None = None, init_use_ema: bool = True, init_strict: bool = True):
+                 init_from: str | None = None, init_use_ema: bool = True, init_strict: bool = True,
+                 grounding_weight: float = 0.0):
         super().__init__(seed=seed, learning_rate=learning_rate)
         self.ldm: LatentDiffusion = build(model)
         if not isinstance(self.ldm, LatentDiffusion):
@@ -98,6 +103,14 @@ class LatentDiffusionModule(WrappedModule):
         self._cache_sizes_saved = (0, 0)
         if gradient_checkpointing is not None:
             set_gradient_checkpointing(self.ldm.model, gradient_checkpointing)
+        self.grounding_weight = float(grounding_weight)
+        if self.grounding_weight:
+            checkpointed = any(getattr(m, "checkpoint", False) is True for m in self.ldm.model.modules())
+            if not self.is_text_conditioned or checkpointed:
+                raise ValueError(
+                    "grounding_weight > 0 needs a text-conditioned (crossattn) model trained without gradient "
+                    "checkpointing (the loss reads the attention maps of the forward pass); set "
+                    "gradient_checkpointing: false or grounding_weight: 0")
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -213,7 +226,20 @@ class LatentDiffusionModule(WrappedModule):
         z = self.latents(self.posterior_moments(batch, split), generators)
         noise = per_sample_randn(generators, z.shape[1:], z.device, z.dtype)
         cond = self.conditioning(batch, drop if ucg > 0 else None)
-        loss, logs = self.ldm.p_losses(z, cond, t.to(self.device), noise=noise)
+        if not (self.grounding_weight and split == "train"):
+            loss, logs = self.ldm.p_losses(z, cond, t.to(self.device), noise=noise)
+            return loss, logs, drop
+        encoder = self.ldm.cond_stage_model
+        captions = batch_value(batch, self.ldm.cond_stage_key)
+        groups = [[] if drop[i] else grounding.grounded_groups(c, encoder.tokenizer, encoder.max_length)
+                  for i, c in enumerate(captions)]
+        targets = grounding.GroundingTargets(image_input(batch, self.ldm.first_stage_key), groups, cond.shape[1])
+        with grounding.recorded_cross_attention(self.ldm.model) as layers:
+            loss, logs = self.ldm.p_losses(z, cond, t.to(self.device), noise=noise)
+            grounding_loss = grounding.grounding_loss(layers, targets)
+        if grounding_loss is not None:
+            logs["train/loss_grounding"] = grounding_loss.detach()
+            loss = loss + self.grounding_weight * grounding_loss
         return loss, logs, drop
 
     def training_step(self, batch: Mapping, batch_idx: int):
