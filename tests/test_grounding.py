@@ -113,14 +113,15 @@ def test_token_loss_closed_form():
     assert grounding.grounding_loss([], grounding.GroundingTargets(image[None], [[]], 5)) is None
 
 
-def tiny_module(grounding_weight: float, checkpointing: bool = False):
+def tiny_module(grounding_weight: float, checkpointing: bool = False, max_timestep: int | None = None):
     from sdkit.training.diffusion import LatentDiffusionModule
 
     config = OmegaConf.load(ROOT / "sdkit" / "configs" / "tiny-test.yaml").model
     config.params.unet_config.params.use_checkpoint = checkpointing
     torch.manual_seed(0)
     return LatentDiffusionModule({"target": config.target, "params": config.params},
-                                 grounding_weight=grounding_weight, gradient_checkpointing=checkpointing)
+                                 grounding_weight=grounding_weight, gradient_checkpointing=checkpointing,
+                                 grounding_max_timestep=max_timestep)
 
 
 def shapes_batch(n: int = 6, size: int = 32) -> dict:
@@ -150,6 +151,19 @@ def test_module_adds_the_weighted_grounding_loss_and_it_can_be_learned():
         optimizer.step()
     assert logs["train/loss_grounding"].item() < 0.5 * first
     assert not any(getattr(m, "record_attention", False) for m in grounded.ldm.modules())
+
+
+def test_grounding_max_timestep_leaves_noisier_items_out():
+    torch.set_num_threads(1)
+    batch = shapes_batch()
+    every = tiny_module(1.0)
+    loss, _, _ = every.shared_step(batch, 0, "train", 0.0)
+    none_below, all_below = tiny_module(1.0, max_timestep=0), tiny_module(1.0, max_timestep=1000)
+    for module in (none_below, all_below):
+        module.ldm.load_state_dict(every.ldm.state_dict())
+    limited, logs, _ = none_below.shared_step(batch, 0, "train", 0.0)
+    assert "train/loss_grounding" not in logs and limited.item() == pytest.approx(logs["train/loss"].item())
+    assert all_below.shared_step(batch, 0, "train", 0.0)[0].item() == pytest.approx(loss.item())
 
 
 def test_grounding_refuses_gradient_checkpointing():

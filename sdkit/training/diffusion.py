@@ -19,6 +19,7 @@ them)::
         gradient_checkpointing: false
         weight_decay: 0.01
         grounding_weight: 0.0      # > 0: add the attention grounding loss on shape captions (training/grounding.py)
+        grounding_max_timestep: null   # ground only items noised to t < this (None: every t)
 """
 from __future__ import annotations
 
@@ -67,6 +68,10 @@ class LatentDiffusionModule(WrappedModule):
         grounding_weight: weight of the attention grounding loss (sdkit.training.grounding) added to the training
             loss: the cross-attention a shape caption's colour and shape words get should fall on their group's
             pixels. 0 (the default) leaves training as CompVis had it.
+        grounding_max_timestep: ground only the items whose timestep is below this. Near pure noise the image
+            does not yet say where an object will be, so the loss cannot be met there and only pushes attention to
+            guessed places (measured on the stage-7 model: the loss is 0.01-0.03 for t ≤ 600, 0.14 at 800, 0.34
+            at 950).
     """
 
     inner = "ldm"
@@ -76,7 +81,7 @@ class LatentDiffusionModule(WrappedModule):
                  weight_decay: float = 0.01, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
                  log_images_kwargs: Mapping | None = None, first_stage_ckpt: str | None = None,
                  init_from: str | None = None, init_use_ema: bool = True, init_strict: bool = True,
-                 grounding_weight: float = 0.0):
+                 grounding_weight: float = 0.0, grounding_max_timestep: int | None = None):
         super().__init__(seed=seed, learning_rate=learning_rate)
         self.ldm: LatentDiffusion = build(model)
         if not isinstance(self.ldm, LatentDiffusion):
@@ -104,6 +109,7 @@ class LatentDiffusionModule(WrappedModule):
         if gradient_checkpointing is not None:
             set_gradient_checkpointing(self.ldm.model, gradient_checkpointing)
         self.grounding_weight = float(grounding_weight)
+        self.grounding_max_timestep = grounding_max_timestep
         if self.grounding_weight:
             checkpointed = any(getattr(m, "checkpoint", False) is True for m in self.ldm.model.modules())
             if not self.is_text_conditioned or checkpointed:
@@ -231,7 +237,9 @@ class LatentDiffusionModule(WrappedModule):
             return loss, logs, drop
         encoder = self.ldm.cond_stage_model
         captions = batch_value(batch, self.ldm.cond_stage_key)
-        groups = [[] if drop[i] else grounding.grounded_groups(c, encoder.tokenizer, encoder.max_length)
+        limit = self.grounding_max_timestep if self.grounding_max_timestep is not None else self.ldm.num_timesteps
+        groups = [[] if drop[i] or int(t[i]) >= limit
+                  else grounding.grounded_groups(c, encoder.tokenizer, encoder.max_length)
                   for i, c in enumerate(captions)]
         targets = grounding.GroundingTargets(image_input(batch, self.ldm.first_stage_key), groups, cond.shape[1])
         with grounding.recorded_cross_attention(self.ldm.model) as layers:
