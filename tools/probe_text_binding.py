@@ -15,8 +15,9 @@ import argparse
 
 import torch
 
-from sdkit.data.shapes import COLOURS, SHAPES, ShapesDataset, _plural
+from sdkit.data.shapes import COLOURS, SHAPES, ShapesDataset
 from sdkit.nn.text import FrozenMiniLMEmbedder
+from sdkit.training.grounding import grounded_groups
 
 
 def token_states(n: int, batch: int = 64):
@@ -24,23 +25,20 @@ def token_states(n: int, batch: int = 64):
     encoder = FrozenMiniLMEmbedder(max_length=32)
     data = ShapesDataset(length=n, size=64, seed=7, split="train", caption_style="canonical", two_group_prob=1.0)
     colours, shapes = list(COLOURS), list(SHAPES)
-    shape_words = set(shapes) | {_plural(s) for s in shapes}
     rows = {"shape word -> its colour": ([], []), "colour word -> its shape": ([], [])}
     captions, scenes = [], []
 
     def encode():
         with torch.no_grad():
             states = encoder(captions)
-        for b, (ids, groups) in enumerate(zip(encoder.tokenizer(captions)["input_ids"], scenes)):
-            words = encoder.tokenizer.convert_ids_to_tokens(ids)
-            shape_at = [i for i, w in enumerate(words) if w in shape_words]
-            colour_at = [i for i, w in enumerate(words) if w in colours]
-            if len(shape_at) != 2 or len(colour_at) != 2:   # a shape or colour word split into pieces: skip
+        for b, (text, groups) in enumerate(zip(captions, scenes)):
+            found = grounded_groups(text, encoder.tokenizer, encoder.max_length)
+            if any(len(g.tokens) != 2 for g in found):   # a colour or shape word split into pieces: skip
                 continue
-            for k, group in enumerate(groups):
-                rows["shape word -> its colour"][0].append(states[b, shape_at[k]])
+            for (colour_at, shape_at), group in zip((g.tokens for g in found), groups):
+                rows["shape word -> its colour"][0].append(states[b, shape_at])
                 rows["shape word -> its colour"][1].append(colours.index(group.colour))
-                rows["colour word -> its shape"][0].append(states[b, colour_at[k]])
+                rows["colour word -> its shape"][0].append(states[b, colour_at])
                 rows["colour word -> its shape"][1].append(shapes.index(group.shape))
 
     for i in range(n):

@@ -16,6 +16,7 @@ shape-dataset captions (emoji, or dropped for classifier-free guidance) are not 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -64,17 +65,18 @@ def grounded_groups(caption: str, tokenizer, max_length: int) -> list[GroundedGr
     return [GroundedGroup(colour_words[k] + shape_words[k], g.colour) for k, g in enumerate(groups)]
 
 
-_PIECE_COUNTS: dict[tuple[int, str], int] = {}
+# tokenizer -> {word: token count}; weak keys, so a new tokenizer never reuses a freed one's counts
+_PIECE_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _piece_count(tokenizer, word: str) -> int:
     """How many tokens ``word`` becomes (captions reuse a few dozen words, so this is cached)."""
-    key = (id(tokenizer), word)
-    if key not in _PIECE_COUNTS:
+    counts = _PIECE_COUNTS.setdefault(tokenizer, {})
+    if word not in counts:
         mask = tokenizer([word], max_length=64, truncation=True, padding="longest",
                          return_tensors="pt")["attention_mask"][0]
-        _PIECE_COUNTS[key] = int(mask.sum()) - 2               # less the start and end tokens
-    return _PIECE_COUNTS[key]
+        counts[word] = int(mask.sum()) - 2                      # less the start and end tokens
+    return counts[word]
 
 
 def colour_mask(image: torch.Tensor, colour: str) -> torch.Tensor:
