@@ -111,7 +111,7 @@ def main():
             steps = steps_for(nfe)
             oracle.calls = 0
             spacing = {} if name.startswith("dpm_solver") else {"spacing": "trailing"}
-            ours = rel_rms(sample(oracle, x_T, AC, name, steps, disable_progress=True, **spacing, **options), exact)
+            ours = rel_rms(sample(oracle, x_T, AC, name, steps, progress=False, **spacing, **options), exact)
             used = oracle.calls
             theirs = f"{'—':>8}"
             if make_diffusers is not None:

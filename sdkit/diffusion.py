@@ -181,6 +181,48 @@ class LatentDiffusion(nn.Module):
     def device(self) -> torch.device:
         return self.betas.device
 
+    # ------------------------------------------------------------------ what pipelines ask of a model
+    @property
+    def unet(self) -> nn.Module:
+        """The denoising network (``model.diffusion_model``, the CompVis place)."""
+        return self.model.diffusion_model
+
+    @property
+    def vae_factor(self) -> int:
+        """How many pixels one latent pixel spans per side (8 for SD v1's autoencoder)."""
+        first = self.first_stage_model
+        factor = getattr(getattr(first, "encoder", None), "downsampling_factor", 0)
+        return int(factor or 2 ** (len(first.decoder.up) - 1))
+
+    @property
+    def unet_multiple(self) -> int:
+        """Latent sides must be multiples of this: each UNet level halves the size, and the way up must meet the
+        skip connections again (2**(levels − 1) = 8 for SD v1, so its pixel sides are multiples of 64)."""
+        return 2 ** (len(getattr(self.unet, "channel_mult", (1,))) - 1)
+
+    @property
+    def default_image_size(self) -> int:
+        """The pixel size the model was trained at (``image_size`` latent pixels × ``vae_factor``: 512 for SD v1)."""
+        return int(self.image_size) * self.vae_factor
+
+    @property
+    def unet_in_channels(self) -> int | None:
+        return getattr(self.unet, "in_channels", None)
+
+    @property
+    def is_inpainting(self) -> bool:
+        """The 9-channel inpainting UNet: [noisy latent, mask, masked-image latent] by ``hybrid`` conditioning."""
+        return self.model.conditioning_key == "hybrid" and self.unet_in_channels == 2 * int(self.channels) + 1
+
+    @property
+    def is_superresolution(self) -> bool:
+        """An LDM upscaler: the low-resolution image (3 channels) concatenated to the noisy latent."""
+        return self.model.conditioning_key in ("concat", "hybrid") and self.unet_in_channels == int(self.channels) + 3
+
+    @property
+    def is_text_conditioned(self) -> bool:
+        return self.model.conditioning_key in ("crossattn", "hybrid") and self.cond_stage_model is not None
+
     # ------------------------------------------------------------------ EMA
     @contextmanager
     def ema_scope(self, context: str | None = None):

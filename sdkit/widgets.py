@@ -79,8 +79,8 @@ class Explorer(ABC):
         start = time.perf_counter()
         self.status.value = f"sampling: {self.describe()}"
 
-        def on_step(step, total, x0):
-            self.show_image(latent_preview(self.model, x0[:1], method=self.preview)[0])
+        def on_step(step, total, x, x0_pred):
+            self.show_image(latent_preview(self.model, x0_pred[:1], method=self.preview)[0])
             self.status.value = f"step {step + 1}/{total}: {self.describe()}"
 
         self.result = self.run(on_step)

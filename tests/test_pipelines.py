@@ -103,7 +103,7 @@ def test_start_step_starts_at_the_level_noise_levels_reports(name, start_step):
     gen = torch.Generator().manual_seed(0)
     z0, eps = torch.randn(2, 1, 4, 4, 4, generator=gen)
     x_start = math.sqrt(a) * z0 + math.sqrt(1 - a) * eps
-    sample(eps_fn, x_start, AC, sampler=name, steps=10, start_step=start_step, disable_progress=True)
+    sample(eps_fn, x_start, AC, sampler=name, steps=10, start_step=start_step, progress=False)
     x, t = calls[0]
     assert torch.allclose(x, x_start, atol=3e-7)
     assert alpha_at(t, AC) == pytest.approx(a, rel=1e-6)
@@ -117,8 +117,9 @@ def test_start_step_errors():
 
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "lms", "dpmpp_2m", "unipc", "dpm_solver++"])
 def test_mask_blend_sets_the_known_region_to_x0_noised_to_each_level(name):
-    """With mask = 1 on the left half, every model call (one per step for these samplers) sees there x0 noised
-    to exactly that call's level: (x − √ᾱ x0)/√(1−ᾱ) is fresh unit noise, and x0 is far from it (x0 = 3)."""
+    """With mask = 1 (repaint) on the right half, every model call (one per step for these samplers) sees on the
+    kept left half the known latent noised to exactly that call's level: (x − √ᾱ known)/√(1−ᾱ) is fresh unit
+    noise, and known is far from it (known = 3)."""
     calls = []
 
     def eps_fn(x, t):
@@ -127,11 +128,11 @@ def test_mask_blend_sets_the_known_region_to_x0_noised_to_each_level(name):
 
     shape = (1, 4, 64, 64)
     mask = torch.zeros(shape)
-    mask[..., :32] = 1
-    x0 = torch.full(shape, 3.0)
+    mask[..., 32:] = 1
+    known = torch.full(shape, 3.0)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    sample(eps_fn, x_T, AC, sampler=name, steps=5, mask=mask, x0=x0, generator=torch.Generator().manual_seed(2),
-           disable_progress=True)
+    sample(eps_fn, x_T, AC, sampler=name, steps=5, mask=mask, known=known, generator=torch.Generator().manual_seed(2),
+           progress=False)
     assert len(calls) == 5
     for x, t in calls:
         a = alpha_at(t, AC)
@@ -142,14 +143,14 @@ def test_mask_blend_sets_the_known_region_to_x0_noised_to_each_level(name):
 # ------------------------------------------------------------------------------------ txt2img
 def test_same_seed_same_image_and_callback(model):
     steps = []
-    a = txt2img(model, "a red circle", seed=7, callback=lambda i, n, x0: steps.append((i, n, tuple(x0.shape))),
+    a = txt2img(model, "a red circle", seed=7, callback=lambda i, n, x, x0: steps.append((i, n, tuple(x0.shape))),
                 **FAST)
     b = txt2img(model, "a red circle", seed=7, **FAST)
     c = txt2img(model, "a red circle", seed=8, **FAST)
     assert torch.equal(a.latents, b.latents) and np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
     assert not torch.equal(a.latents, c.latents)
     assert a.images[0].size == (32, 32) and a.seeds == [7] and a.nsfw == [False]
-    assert steps == [(i, 4, (1, 4, 16, 16)) for i in range(1, 5)]
+    assert steps == [(i, 4, (1, 4, 16, 16)) for i in range(4)]
     preview = latent_preview(model, a.latents)[0]
     assert preview.size == (16, 16)
     assert latent_preview(model, a.latents, method="vae")[0].size == (32, 32)

@@ -56,7 +56,7 @@ def both(name, scheduler, steps, diffusers_timesteps=None, seed=None, **options)
     """(sdkit, diffusers) final samples for the same ε-function and x_T (and the same noise seed)."""
     x_T = noise()
     gen = (lambda: torch.Generator().manual_seed(seed)) if seed is not None else (lambda: None)
-    ours = sample(GaussianMixtureOracle(AC), x_T, AC, name, steps, disable_progress=True, generator=gen(),
+    ours = sample(GaussianMixtureOracle(AC), x_T, AC, name, steps, progress=False, generator=gen(),
                   **options)
     theirs = run_diffusers(scheduler, GaussianMixtureOracle(AC), x_T, steps, diffusers_timesteps, gen())
     return ours, theirs
@@ -71,7 +71,7 @@ def test_ddim_matches_diffusers(steps, eta, spacing):
                           timestep_spacing="leading" if spacing == "compvis" else spacing)
     x_T = noise()
     ours = sample(GaussianMixtureOracle(AC), x_T, AC, "ddim", steps, eta=eta, spacing=spacing,
-                  generator=torch.Generator().manual_seed(5), disable_progress=True)
+                  generator=torch.Generator().manual_seed(5), progress=False)
     theirs = run_diffusers(sched, GaussianMixtureOracle(AC), x_T, steps, eta=eta,
                            generator=torch.Generator().manual_seed(5))
     assert rel_diff(ours, theirs) < TOL
@@ -81,7 +81,7 @@ def test_ddim_matches_diffusers(steps, eta, spacing):
 def test_plms_matches_diffusers_pndm(steps):
     sched = PNDMScheduler(**SD, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     x_T, ours_eps, theirs_eps = noise(), GaussianMixtureOracle(AC), GaussianMixtureOracle(AC)
-    ours = sample(ours_eps, x_T, AC, "plms", steps, disable_progress=True)
+    ours = sample(ours_eps, x_T, AC, "plms", steps, progress=False)
     theirs = run_diffusers(sched, theirs_eps, x_T, steps)
     assert rel_diff(ours, theirs) < TOL
     assert ours_eps.calls == theirs_eps.calls == steps + 1  # pseudo improved Euler: 2 calls in the first step
@@ -148,7 +148,7 @@ def test_k_samplers_match_diffusers(name, scheduler_cls, steps, spacing, karras)
 @pytest.mark.parametrize("name", ["euler", "heun", "lms", "euler_a"])
 def test_compvis_spacing_equals_leading_when_steps_divide_1000(name):
     """sdkit's default spacing is CompVis'; for 1000/steps whole it is diffusers' leading (steps_offset=1)."""
-    kw = dict(disable_progress=True)
+    kw = dict(progress=False)
     a = sample(GaussianMixtureOracle(AC), noise(), AC, name, 20, spacing="compvis",
                generator=torch.Generator().manual_seed(1), **kw)
     b = sample(GaussianMixtureOracle(AC), noise(), AC, name, 20, spacing="leading",
@@ -227,7 +227,7 @@ def test_deterministic_samplers_converge_to_the_exact_ode_solution():
                             ("dpm_solver", sigma_min)]:
         exact = oracle.pf_ode(x_T, sigma_max, sigma_end)
         spacing = {} if name.startswith("dpm_solver") else {"spacing": "trailing"}
-        errors[name] = [rel_diff(sample(oracle, x_T, AC, name, steps, disable_progress=True, **spacing), exact)
+        errors[name] = [rel_diff(sample(oracle, x_T, AC, name, steps, progress=False, **spacing), exact)
                         for steps in (20, 200)]
     for name, (coarse, fine) in errors.items():
         assert fine < 1e-2 and fine < coarse / 5, (name, coarse, fine)
@@ -408,7 +408,7 @@ def test_cfg_eps_fn():
 def test_callback_receives_x0_every_step():
     """The callback gets (i, total, x, x̂₀) after every step; x̂₀ is diffusers' pred_original_sample."""
     x_T, seen = noise(), []
-    out = sample(GaussianMixtureOracle(AC), x_T, AC, "ddim", 20, disable_progress=True,
+    out = sample(GaussianMixtureOracle(AC), x_T, AC, "ddim", 20, progress=False,
                  callback=lambda i, n, x, x0: seen.append((i, n, x.clone(), x0.clone())))
     sched = DDIMScheduler(**SD, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
     sched.set_timesteps(20)
@@ -424,7 +424,7 @@ def test_callback_receives_x0_every_step():
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_reports_each_step(name):
     seen = []
-    out = sample(GaussianMixtureOracle(AC), noise(), AC, name, 10, disable_progress=True,
+    out = sample(GaussianMixtureOracle(AC), noise(), AC, name, 10, progress=False,
                  generator=torch.Generator().manual_seed(0), callback=lambda i, n, x, x0: seen.append((i, n, x)))
     assert [s[0] for s in seen] == list(range(seen[0][1])) and len(seen) == seen[0][1]
     assert torch.allclose(seen[-1][2], out) and torch.isfinite(out).all()
@@ -434,7 +434,7 @@ def test_every_sampler_reports_each_step(name):
                                           ("ddpm", {})])
 def test_generator_determinism(name, options):
     def run(seed):
-        return sample(GaussianMixtureOracle(AC), noise(), AC, name, 10, disable_progress=True,
+        return sample(GaussianMixtureOracle(AC), noise(), AC, name, 10, progress=False,
                       generator=torch.Generator().manual_seed(seed), **options)
     assert torch.equal(run(1), run(1))
     assert not torch.allclose(run(1), run(2))
@@ -443,7 +443,7 @@ def test_generator_determinism(name, options):
 def test_progress_bar(capsys):
     sample(GaussianMixtureOracle(AC), noise(), AC, "euler", 5)
     assert "euler" in capsys.readouterr().err
-    sample(GaussianMixtureOracle(AC), noise(), AC, "euler", 5, disable_progress=True)
+    sample(GaussianMixtureOracle(AC), noise(), AC, "euler", 5, progress=False)
     assert capsys.readouterr().err == ""
 
 
@@ -462,9 +462,9 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="unknown spacing"):
         sample(eps, x, AC, "euler", 5, spacing="quadratic")
     with pytest.raises(ValueError, match="same shape"):
-        sample(lambda x, t: x[:, :2], x, AC, "ddim", 5, disable_progress=True)
+        sample(lambda x, t: x[:, :2], x, AC, "ddim", 5, progress=False)
 
     def overflowing(x, t):
         return eps(x, t) * (float("nan") if t[0] < 500 else 1.0)
     with pytest.raises(FloatingPointError, match=r"step \d+ of 20.*float32"):
-        sample(overflowing, x, AC, "dpmpp_2m", 20, disable_progress=True)
+        sample(overflowing, x, AC, "dpmpp_2m", 20, progress=False)

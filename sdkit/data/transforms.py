@@ -1,4 +1,6 @@
-"""Image <-> tensor conversion, resizing and cropping, and the degradation pipeline for upscaler training.
+"""Resizing and cropping, blur and JPEG, and the degradation pipeline for upscaler training.
+
+Image <-> tensor conversion lives with the pipelines (``sdkit.pipelines.images``) and is re-exported here.
 
 Tensors are float [3, H, W] (or [B, 3, H, W]) in [-1, 1], channels first, as the CompVis models take them.
 Every random choice takes a `torch.Generator`, so a degradation is reproducible from its seed.
@@ -14,33 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-
-def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
-    """Any PIL image as RGB; transparency is composited onto `background` (white), not dropped."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
-    """PIL image (any mode) or uint8 HxWx3 array -> float tensor [3, H, W] in [-1, 1]."""
-    if isinstance(image, Image.Image):
-        image = np.asarray(to_rgb(image))
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected a PIL image or a uint8 array of shape (H, W, 3), got {image.dtype} {image.shape}")
-    return torch.from_numpy(image.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """Float tensor [3, H, W] in [-1, 1] -> RGB PIL image (values outside [-1, 1] are clipped)."""
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"expected one image tensor of shape [3, H, W], got {tuple(x.shape)}")
-    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(arr.permute(1, 2, 0).numpy())
+from ..pipelines.images import to_pil, to_rgb, to_tensor  # noqa: F401  (re-exported)
 
 
 def resize_center_crop(image: Image.Image, size: int, resample=Image.Resampling.LANCZOS) -> Image.Image:

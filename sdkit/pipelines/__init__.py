@@ -1,16 +1,17 @@
 """The user-facing verbs: txt2img, img2img, inpaint / outpaint, upscale.
 
     import sdkit
-    from sdkit.pipelines import txt2img
     model = sdkit.load_model("sd-v1-inference", "v1-5-pruned-emaonly.safetensors")
-    result = txt2img(model, "a painting of a virus monster playing guitar", seed=42, num_images=2)
+    result = sdkit.txt2img(model, "a painting of a virus monster playing guitar", seed=42, num_images=2)
     result.images[0].save("out.png")
 
-Every verb takes any sampler of ``sdkit.samplers.SAMPLERS`` with its options, classifier-free guidance with an
-optional negative prompt, one seed per image (batch-invariant), a per-step ``callback(step, total, x0)`` with
-the current x̂₀ latent (``latent_preview`` turns it into pictures), a tqdm progress bar (``progress=False``
-hides it), and optional ``safety_checker`` (``sdkit.safety``) and ``watermark`` (a payload for
-``sdkit.watermark``). Each returns a :class:`PipelineResult` (``.images``, ``.latents``, ``.seeds``, ``.nsfw``).
+Every verb is a few numbered steps over one shared skeleton (``plan.py``: check the request, encode the prompts,
+loop over batches, sample through ``sdkit.samplers.denoisers``, decode, finish). They take any sampler of
+``sdkit.samplers.SAMPLERS`` with its options, classifier-free guidance with an optional negative prompt, one seed per
+image (batch-invariant), a per-step ``callback(step, total, x, x0_pred)`` (``latent_preview`` turns the x̂₀ latent
+into pictures), a tqdm progress bar (``progress=False`` hides it), and optional ``safety_checker`` (``sdkit.safety``)
+and ``watermark`` (a payload for ``sdkit.watermark``). Each returns a :class:`PipelineResult` (``.images``,
+``.latents``, ``.seeds``, ``.nsfw``). Masks mean 1 (white) = repaint, everywhere.
 """
 import importlib
 
@@ -18,15 +19,19 @@ import importlib
 # `sdkit --help` does not load torch
 _EXPORTS = {"txt2img": "text_to_image", "img2img": "image_to_image", "inpaint": "inpainting",
             "outpaint": "inpainting", "is_inpainting_model": "inpainting", "upscale": "upscaling",
-            "is_superresolution_model": "upscaling",
-            "decode_tiled": "tiling", "latent_preview": "preview", "PipelineResult": "common", "geometry": "common",
-            "DEFAULT_SAMPLER": "common", "DEFAULT_STEPS": "common"}
+            "is_superresolution_model": "upscaling", "prepare": "plan", "Plan": "plan",
+            "decode_tiled": "decoding", "latent_preview": "preview", "PipelineResult": "result",
+            "DEFAULT_SAMPLER": "plan", "DEFAULT_STEPS": "plan"}
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 __all__ = sorted(_EXPORTS)

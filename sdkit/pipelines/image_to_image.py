@@ -6,24 +6,24 @@ works (CompVis: DDIM only), and any image size works (CompVis crashed unless the
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
-from .common import (DEFAULT_SAMPLER, DEFAULT_STEPS, PipelineResult, as_prompt_list, batches, check_count,
-                     count_images,
-                     check_sampling_args, check_strength, decode, encode_image, finish, generators, geometry,
-                     grid_levels, guided_eps_fn, image_tensor, noise_like, noised, pad_to_multiple, resolve_seeds,
-                     run_sampler, sampler_kwargs, steps_for_strength, text_conditioning)
+from .images import image_tensor, pad_to_multiple
+from .plan import check_strength, fixed_noise, prepare
+from .result import unchanged
+
+
+def noised(z0: torch.Tensor, noise: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
+    """z0 noised to exactly the level ᾱ where the first denoising step starts: √ᾱ z0 + √(1−ᾱ) ε."""
+    return math.sqrt(alpha_cumprod) * z0 + math.sqrt(1.0 - alpha_cumprod) * noise
 
 
 def img2img(model, init_image, prompt: str | Sequence[str], *, strength: float = 0.75,
-            negative_prompt: str | Sequence[str] = "", num_images: int | None = None, steps: int = DEFAULT_STEPS,
-            sampler: str = DEFAULT_SAMPLER, guidance_scale: float = 7.5, eta: float = 0.0,
-            seed: int | Sequence[int] | None = None, noise: torch.Tensor | None = None,
-            batch_size: int | None = None, callback=None, safety_checker=None, watermark: str | None = None,
-            spacing: str = "compvis", karras: bool = False, progress: bool = True, decode_tile: int | None = None,
-            **sampler_options) -> PipelineResult:
+            negative_prompt: str | Sequence[str] = "", num_images: int | None = None,
+            noise: torch.Tensor | None = None, **options):
     """Repaint ``init_image`` towards ``prompt``; ``strength`` in [0, 1] says how much.
 
     The sampler's grid for ``steps`` steps has n steps (n = steps, or one more for CompVis spacing when steps
@@ -41,51 +41,25 @@ def img2img(model, init_image, prompt: str | Sequence[str], *, strength: float =
     Other arguments as :func:`txt2img`.
     """
     strength = check_strength(strength)
-    check_sampling_args(sampler, steps, guidance_scale)
-    options = sampler_kwargs(sampler, spacing, karras, eta, **sampler_options)
-    num_images = count_images(prompt, num_images)
-    batch_size = check_count(num_images, batch_size)
+    plan = prepare(model, prompt, negative_prompt, num_images, **options)                 # 1. check the request
     x = image_tensor(init_image, "init_image")
-    seeds = resolve_seeds(seed, num_images)
     if strength == 0.0:
-        from ..data.transforms import to_pil
-        images = [to_pil(x[0]) for _ in range(num_images)]
-        return PipelineResult(images, None, seeds, [False] * num_images)
-
-    geo = geometry(model)
-    x, (height, width) = pad_to_multiple(x, geo.pixel_multiple)
-    levels = grid_levels(model, sampler, steps, options)
-    start_step = len(levels) - steps_for_strength(strength, len(levels))
-    alpha = float(levels[start_step])
-    shape = (geo.channels, x.shape[-2] // geo.factor, x.shape[-1] // geo.factor)
-    noise = _check_noise(noise, num_images, shape)
-    prompts = as_prompt_list(prompt, num_images)
-    negatives = as_prompt_list(negative_prompt, num_images, "negative_prompt")
-    cond, uncond = text_conditioning(model, prompts, negatives, guidance_scale)
-    h, w = height // geo.factor, width // geo.factor
+        return unchanged(x, plan.seeds)
+    x, (height, width) = pad_to_multiple(x, model.vae_factor * model.unet_multiple)        # 2. the canvas
+    f = model.vae_factor
+    shape = (int(model.channels), x.shape[-2] // f, x.shape[-1] // f)
+    noise = fixed_noise(noise, plan.num_images, shape, "noise", "the padded latent size")
+    start_step, alpha = plan.start_step(strength)                                          #    where to start
 
     latents, inits, pixels = [], [], []
-    for part in batches(num_images, batch_size):
-        gens = generators(seeds[part])
-        eps = noise_like(shape, gens, model.device) if noise is None else noise[part].to(model.device)
-        z0 = encode_image(model, x, gens)
-        eps_fn = guided_eps_fn(model, cond[part], None if uncond is None else uncond[part], guidance_scale)
-        z = run_sampler(eps_fn, noised(z0, eps, alpha), model, sampler=sampler, steps=steps, options=options,
-                        start_step=start_step, gens=gens, callback=callback, progress=progress)
+    for batch in plan.batches():                                                           # 3. per batch:
+        eps = batch.noise(shape, model.device) if noise is None else noise[batch.part].to(model.device)
+        z0 = plan.encode_image(x, batch)                                                   # encode the image,
+        z = plan.sample(batch, noised(z0, eps, alpha), start_step=start_step)              # noise, denoise,
         latents.append(z)
         inits.append(z0)
-        pixels.append(decode(model, z, decode_tile)[..., :height, :width])
-    images, nsfw, safety = finish(torch.cat(pixels), safety_checker, watermark)
-    return PipelineResult(images, torch.cat(latents)[..., :h, :w], seeds, nsfw, torch.cat(inits)[..., :h, :w],
-                          safety)
-
-
-def _check_noise(noise, n: int, shape: tuple) -> torch.Tensor | None:
-    if noise is None:
-        return None
-    if noise.ndim == 3:
-        noise = noise[None]
-    if tuple(noise.shape[1:]) != tuple(shape) or noise.shape[0] not in (1, n):
-        raise ValueError(f"noise has shape {tuple(noise.shape)}; it must be [{n}{' (or 1)' if n > 1 else ''}, "
-                         f"{', '.join(map(str, shape))}] (the padded latent size)")
-    return noise.expand(n, *shape).float()
+        pixels.append(plan.decode(z)[..., :height, :width])                                # decode, crop
+    h, w = height // f, width // f
+    result = plan.result(pixels, latents, inits)                                           # 4. finish
+    result.latents, result.init_latents = result.latents[..., :h, :w], result.init_latents[..., :h, :w]
+    return result

@@ -19,20 +19,17 @@ import torch
 import torch.nn.functional as F
 
 from ..data.transforms import gaussian_blur
-from .common import (DEFAULT_SAMPLER, DEFAULT_STEPS, PipelineResult, as_prompt_list, batches, check_count,
-                     count_images,
-                     check_sampling_args, check_strength, decode, encode_image, finish, generators, geometry,
-                     grid_levels, guided_eps_fn, image_tensor, mask_tensor, noise_like, noised, pad_to_multiple,
-                     resolve_seeds, run_sampler, sampler_kwargs, steps_for_strength, text_conditioning)
+from .image_to_image import noised
+from .images import image_tensor, mask_tensor, pad_to_multiple
+from .plan import check_strength, prepare
+from .result import PipelineResult, unchanged
 
 MASK_RESIZE = ("nearest", "area", "max")
 
 
 def is_inpainting_model(model) -> bool:
     """True for the 9-channel (hybrid, latent + mask + masked-image latent) inpainting UNet."""
-    unet = model.model.diffusion_model
-    return (model.model.conditioning_key == "hybrid"
-            and getattr(unet, "in_channels", None) == 2 * int(model.channels) + 1)
+    return model.is_inpainting
 
 
 def latent_mask(mask: torch.Tensor, factor: int, how: str) -> torch.Tensor:
@@ -49,13 +46,9 @@ def latent_mask(mask: torch.Tensor, factor: int, how: str) -> torch.Tensor:
 
 
 def inpaint(model, image, mask, prompt: str | Sequence[str], *, strength: float = 1.0,
-            negative_prompt: str | Sequence[str] = "", num_images: int | None = None, steps: int = DEFAULT_STEPS,
-            sampler: str = DEFAULT_SAMPLER, guidance_scale: float = 7.5, eta: float = 0.0,
-            seed: int | Sequence[int] | None = None, mask_blur: float = 0.0, mask_resize: str | None = None,
-            use_inpainting_unet: bool | None = None, composite: bool = True, batch_size: int | None = None,
-            callback=None, safety_checker=None, watermark: str | None = None, spacing: str = "compvis",
-            karras: bool = False, progress: bool = True, decode_tile: int | None = None,
-            **sampler_options) -> PipelineResult:
+            negative_prompt: str | Sequence[str] = "", num_images: int | None = None, mask_blur: float = 0.0,
+            mask_resize: str | None = None, use_inpainting_unet: bool | None = None, composite: bool = True,
+            **options):
     """Repaint the white region of ``mask`` in ``image`` following ``prompt``.
 
     ``mask``: a single-channel image (mode "L"/"1") or array/tensor [H, W] in [0, 1] of the image's size;
@@ -71,71 +64,52 @@ def inpaint(model, image, mask, prompt: str | Sequence[str], *, strength: float 
     SD v1 and cropped back. Other arguments as :func:`txt2img`.
     """
     strength = check_strength(strength)
-    check_sampling_args(sampler, steps, guidance_scale)
-    options = sampler_kwargs(sampler, spacing, karras, eta, **sampler_options)
-    num_images = count_images(prompt, num_images)
-    batch_size = check_count(num_images, batch_size)
-    nine = is_inpainting_model(model) if use_inpainting_unet is None else bool(use_inpainting_unet)
-    if nine and not is_inpainting_model(model):
+    plan = prepare(model, prompt, negative_prompt, num_images, **options)                 # 1. check the request
+    nine = model.is_inpainting if use_inpainting_unet is None else bool(use_inpainting_unet)
+    if nine and not model.is_inpainting:
         raise ValueError("use_inpainting_unet=True needs the 9-channel inpainting model (sd-v1-inpainting config); "
-                         "this model's UNet takes "
-                         f"{getattr(model.model.diffusion_model, 'in_channels', '?')} channels")
-    if not nine and is_inpainting_model(model):
+                         f"this model's UNet takes {model.unet_in_channels} channels")
+    if not nine and model.is_inpainting:
         raise ValueError("the 9-channel inpainting UNet always needs its mask and masked image; "
                          "leave use_inpainting_unet at None/True for this model")
     x = image_tensor(image)
     m = mask_tensor(mask, tuple(x.shape[-2:]))
     if mask_blur:
         m = gaussian_blur(m, float(mask_blur)).clamp(0, 1)
-    seeds = resolve_seeds(seed, num_images)
     if strength == 0.0:
-        return _unchanged(x, num_images, seeds)
-
-    geo = geometry(model)
-    (x, (height, width)), (m, _) = pad_to_multiple(x, geo.pixel_multiple), pad_to_multiple(m, geo.pixel_multiple)
-    m_lat = latent_mask(m, geo.factor, mask_resize or ("nearest" if nine else "max"))
-    levels = grid_levels(model, sampler, steps, options)
-    start_step = len(levels) - steps_for_strength(strength, len(levels))
-    shape = (geo.channels, x.shape[-2] // geo.factor, x.shape[-1] // geo.factor)
-    prompts = as_prompt_list(prompt, num_images)
-    negatives = as_prompt_list(negative_prompt, num_images, "negative_prompt")
-    cond, uncond = text_conditioning(model, prompts, negatives, guidance_scale)
-    device = model.device
-    m_lat = m_lat.to(device)
+        return unchanged(x, plan.seeds)
+    f, multiple = model.vae_factor, model.vae_factor * model.unet_multiple               # 2. the canvas
+    (x, (height, width)), (m, _) = pad_to_multiple(x, multiple), pad_to_multiple(m, multiple)
+    m_lat = latent_mask(m, f, mask_resize or ("nearest" if nine else "max")).to(model.device)
+    start_step, alpha = plan.start_step(strength)
+    shape = (int(model.channels), x.shape[-2] // f, x.shape[-1] // f)
 
     latents, inits, pixels = [], [], []
-    for part in batches(num_images, batch_size):
-        gens = generators(seeds[part])
-        eps = noise_like(shape, gens, device)
-        z0 = encode_image(model, x, gens)
-        start = eps if strength == 1.0 else noised(z0, eps, float(levels[start_step]))
-        n = len(gens)
-        c, uc = cond[part], None if uncond is None else uncond[part]
-        blend = {}
-        if nine:
-            binary = (m >= 0.5).float()
-            masked = encode_image(model, x * (binary < 0.5), gens)
-            concat = [F.interpolate(binary, size=shape[1:], mode="nearest").to(device).expand(n, -1, -1, -1), masked]
-            c = {"c_concat": concat, "c_crossattn": [c]}
-            uc = None if uc is None else {"c_concat": concat, "c_crossattn": [uc]}
-        else:
-            blend = {"mask": (1.0 - m_lat).expand(n, -1, -1, -1), "x0": z0}
-        eps_fn = guided_eps_fn(model, c, uc, guidance_scale)
-        z = run_sampler(eps_fn, start, model, sampler=sampler, steps=steps, options=options, start_step=start_step,
-                        gens=gens, callback=callback, progress=progress, **blend)
-        if not nine:  # the known region of the returned latent is the image's own
-            z = blend["mask"] * z0 + (1.0 - blend["mask"]) * z
+    for batch in plan.batches():                                                           # 3. per batch:
+        eps = batch.noise(shape, model.device)
+        z0 = plan.encode_image(x, batch)                                                   # encode the image,
+        start = eps if strength == 1.0 else noised(z0, eps, alpha)
+        if nine:                                                                           # the UNet sees the
+            binary = (m >= 0.5).float()                                                    # mask and the masked
+            masked = plan.encode_image(x * (binary < 0.5), batch)                          # image's latent
+            hard = F.interpolate(binary, size=shape[1:], mode="nearest").to(model.device)
+            concat = [hard.expand(len(batch), -1, -1, -1), masked]
+            z = plan.sample(batch, start, start_step=start_step, concat=concat)
+        else:                                                                              # or blend the known
+            repaint = m_lat.expand(len(batch), -1, -1, -1)                                 # latent in each step
+            z = plan.sample(batch, start, start_step=start_step, mask=repaint, known=z0)
+            z = (1.0 - repaint) * z0 + repaint * z   # the kept region of the returned latent is the image's own
         latents.append(z)
         inits.append(z0)
-        pixels.append(decode(model, z, decode_tile))
+        pixels.append(plan.decode(z))
     pixels = torch.cat(pixels)
-    if composite:
-        soft = m.to(pixels.device)
+    if composite:                                                                          # 4. paste into the
+        soft = m.to(pixels.device)                                                         # original, finish
         pixels = x.to(pixels.device) * (1.0 - soft) + pixels.clamp(-1, 1) * soft
-    images, nsfw, safety = finish(pixels[..., :height, :width], safety_checker, watermark)
-    h, w = height // geo.factor, width // geo.factor
-    return PipelineResult(images, torch.cat(latents)[..., :h, :w], seeds, nsfw, torch.cat(inits)[..., :h, :w],
-                          safety)
+    h, w = height // f, width // f
+    result = plan.result([pixels[..., :height, :width]], latents, inits)
+    result.latents, result.init_latents = result.latents[..., :h, :w], result.init_latents[..., :h, :w]
+    return result
 
 
 def outpaint(model, image, extend: tuple[int, int, int, int], prompt: str | Sequence[str], *, overlap: int = 0,
@@ -160,8 +134,3 @@ def outpaint(model, image, extend: tuple[int, int, int, int], prompt: str | Sequ
             slice(left + (overlap if left else 0), left + w - (overlap if right else 0)))
     mask[keep] = 0.0
     return inpaint(model, canvas[0], mask, prompt, **inpaint_options)
-
-
-def _unchanged(x: torch.Tensor, n: int, seeds: list[int]) -> PipelineResult:
-    from ..data.transforms import to_pil
-    return PipelineResult([to_pil(x[0]) for _ in range(n)], None, seeds, [False] * n)

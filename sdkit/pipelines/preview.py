@@ -1,4 +1,4 @@
-"""Live previews of the current x̂₀ latent (what the pipelines' ``callback(step, total, x0)`` receives).
+"""Live previews of the current x̂₀ latent (what the pipelines' ``callback(step, total, x, x0_pred)`` receives as ``x0_pred``).
 
 Two ways:
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data.transforms import to_pil
-from .common import geometry, vae_decode
+from .decoding import vae_decode
+from .images import to_pil
 
 # Rows: latent channels 1-4 of SD v1 (scaled latents); columns: R, G, B in [-1, 1]. Approximate.
 SD_V1_LATENT_RGB = torch.tensor([[0.298, 0.207, 0.208],
@@ -25,18 +25,17 @@ SD_V1_LATENT_RGB = torch.tensor([[0.298, 0.207, 0.208],
 
 
 def is_sd_v1_first_stage(model) -> bool:
-    return int(model.channels) == 4 and abs(float(model.scale_factor) - 0.18215) < 1e-6 and \
-        geometry(model).factor == 8
+    return int(model.channels) == 4 and abs(float(model.scale_factor) - 0.18215) < 1e-6 and model.vae_factor == 8
 
 
 @torch.no_grad()
 def fit_latent_rgb(model, size: int = 16, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares (weights [C, 3], bias [3]) from scaled latents to the decoded colour averaged over each
     latent pixel's f×f patch, on ``n`` random latents (unit variance, as scaled latents roughly are)."""
-    geo = geometry(model)
-    z = torch.randn(n, geo.channels, size, size, generator=torch.Generator().manual_seed(seed)).to(model.device)
-    rgb = F.avg_pool2d(vae_decode(model, z).float(), geo.factor)
-    a = torch.cat([z.float(), torch.ones_like(z[:, :1])], 1).permute(0, 2, 3, 1).reshape(-1, geo.channels + 1)
+    channels = int(model.channels)
+    z = torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed)).to(model.device)
+    rgb = F.avg_pool2d(vae_decode(model, z).float(), model.vae_factor)
+    a = torch.cat([z.float(), torch.ones_like(z[:, :1])], 1).permute(0, 2, 3, 1).reshape(-1, channels + 1)
     b = rgb.permute(0, 2, 3, 1).reshape(-1, 3)
     solution = torch.linalg.lstsq(a.cpu().double(), b.cpu().double()).solution.float()
     return solution[:-1], solution[-1]

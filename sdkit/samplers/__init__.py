@@ -4,13 +4,15 @@
     x0 = sample(eps_fn, x_T, alphas_cumprod, sampler="dpmpp_2m", steps=20)
 
 ``eps_fn(x, t)`` returns ε for the VP sample ``x`` at float timesteps ``t`` (shape [B], in [0, T−1]); guidance is a
-wrapper around it (:func:`sdkit.samplers.guidance.cfg_eps_fn`). ``x_T`` is unit-variance noise, as CompVis
+wrapper around it, and :mod:`sdkit.samplers.denoisers` builds it from a model (``denoiser(model, cond, uncond,
+scale)``). ``x_T`` is unit-variance noise, as CompVis
 samplers take it; σ-space samplers scale it by √(1+σ_max²) themselves. Every sampler returns the sample in the
 same VP scaling (at σ = 0 that is x₀ itself).
 
 Common options: ``spacing`` ("compvis" = CompVis uniform +1, "leading", "trailing", "linspace"), ``karras``
 (σ-space samplers), ``eta`` (ddim, euler_a, dpmpp_2m_sde), ``generator`` (every random draw),
-``callback(i, total, x, x0_pred)`` after every step, ``disable_progress`` (turns the tqdm bar off). Each sampler
+``callback(step, total, x, x0_pred)`` after every step (``step`` from 0), ``progress`` (False turns the tqdm
+bar off). Each sampler
 documents its own options (``help(SAMPLERS["unipc"])``). Unknown names or options raise ValueError.
 
 Options every sampler takes, for the pipelines (img2img, inpainting):
@@ -18,8 +20,10 @@ Options every sampler takes, for the pipelines (img2img, inpainting):
 - ``start_step``: skip the first steps of the grid; ``x_T`` is then the VP sample at the noise level where step
   ``start_step`` starts, ``noise_levels(sampler, …)[start_step]`` (ᾱ). Noise an image latent to exactly that level
   and no step is lost or repeated (CompVis img2img noised one step too far).
-- ``mask``, ``x0``: before every step, where ``mask`` is 1 the sample is replaced by ``x0`` noised to that step's
-  level (CompVis' DDIM inpainting blend, for every sampler).
+- ``mask``, ``known``: inpainting. ``mask`` is 1 where the sampler paints (repaint) and 0 where the latent
+  ``known`` is kept: before every step the kept region of the sample is replaced by ``known`` noised to that step's
+  level (CompVis' DDIM inpainting blend, for every sampler; CompVis' own ``mask`` meant the opposite, and its
+  sampler classes here keep that meaning).
 - ``generator`` may be a list with one generator per batch item, so each item's noise is independent of the batch.
 
 CompVis-style classes for LatentDiffusion models: :class:`DDIMSampler`, :class:`PLMSSampler`,
@@ -28,6 +32,7 @@ CompVis-style classes for LatentDiffusion models: :class:`DDIMSampler`, :class:`
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 
@@ -40,7 +45,7 @@ from .ddpm import sample_ddpm
 from .dpm_solver import sample_dpm_solver, sample_dpm_solver_pp
 from .dpmpp import sample_dpm_multistep, sample_dpmpp_2m, sample_dpmpp_2m_sde
 from .euler import sample_euler, sample_euler_ancestral
-from .guidance import cfg_eps_fn
+from .denoisers import cfg_eps_fn, denoiser
 from .heun import sample_heun
 from .lms import sample_lms
 from .plms import sample_plms
@@ -109,6 +114,9 @@ def sample(eps_fn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str
     """Run ``sampler`` for ``steps`` steps from the noise ``x_T``; returns the final sample."""
     fn = _lookup(sampler)
     check_inputs(x_T, alphas_cumprod, steps)
+    if "disable_progress" in options:  # the name before progress= was the one switch everywhere
+        warnings.warn("disable_progress is deprecated; pass progress=False", DeprecationWarning, stacklevel=2)
+        options["progress"] = not options.pop("disable_progress")
     accepted = sampler_options(sampler)
     if "eta" in options and "eta" not in accepted:
         if options["eta"]:
@@ -122,5 +130,5 @@ def sample(eps_fn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str
         return fn(eps_fn, x_T, alphas_cumprod, steps, **options)
 
 
-__all__ = ["sample", "SAMPLERS", "sampler_options", "noise_levels", "cfg_eps_fn", "DDIMSampler", "PLMSSampler",
+__all__ = ["sample", "SAMPLERS", "sampler_options", "noise_levels", "cfg_eps_fn", "denoiser", "DDIMSampler", "PLMSSampler",
            "DPMSolverSampler", "sample_dpm_multistep"]

@@ -73,9 +73,10 @@ def check_start_step(start_step: int, n: int) -> None:
                          f"got {start_step!r}")
 
 
-def check_inpainting(mask, x0) -> None:
-    if (mask is None) != (x0 is None):
-        raise ValueError("inpainting needs both mask and x0 (mask = 1 where x0 is kept)")
+def check_inpainting(mask, known) -> None:
+    if (mask is None) != (known is None):
+        raise ValueError("inpainting needs both mask and known (mask = 1 where the sampler repaints, 0 where the "
+                         "latent known is kept)")
 
 
 def sigma_denoiser(eps_fn: EpsFn, sigmas: torch.Tensor, timesteps: torch.Tensor):
@@ -94,13 +95,13 @@ def vp_scale(sigma: float) -> float:
 
 
 class StepLoop:
-    """The loop every sampler runs: a tqdm bar (``disable_progress`` turns it off), a NaN/inf check after every
-    step, and ``callback(i, total, x, x0_pred)`` for live previews."""
+    """The loop every sampler runs: a tqdm bar (``progress=False`` turns it off), a NaN/inf check after every
+    step, and ``callback(step, total, x, x0_pred)`` for live previews."""
 
-    def __init__(self, name: str, total: int, callback: Callback | None = None, disable_progress: bool = False,
+    def __init__(self, name: str, total: int, callback: Callback | None = None, progress: bool = True,
                  timesteps=None):
         self.name, self.total, self.callback, self.timesteps = name, total, callback, timesteps
-        self.bar = tqdm(range(total), desc=name, disable=disable_progress, leave=False)
+        self.bar = tqdm(range(total), desc=name, disable=not progress, leave=False)
 
     def __iter__(self):
         return iter(self.bar)
@@ -124,20 +125,23 @@ def start_sigma_sampler(x_T: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor
     return x_T * math.sqrt(1.0 + float(sigmas[0]) ** 2)
 
 
-def blend_known(x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, alpha_cumprod: float,
+def blend(x: torch.Tensor, known_noised: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The inpainting blend: the sample where ``mask`` is 1 (repaint), ``known_noised`` where it is 0 (keep)."""
+    return known_noised * (1.0 - mask) + mask * x
+
+
+def blend_known(x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, alpha_cumprod: float,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """CompVis inpainting blend: where ``mask`` is 1 keep ``x0`` noised to the current level, elsewhere keep x."""
-    known = math.sqrt(alpha_cumprod) * x0 + math.sqrt(1.0 - alpha_cumprod) * randn(x, generator)
-    return known * mask + (1.0 - mask) * x
+    """CompVis inpainting blend of a VP sample: keep ``known`` noised to the level ᾱ where ``mask`` is 0."""
+    return blend(x, math.sqrt(alpha_cumprod) * known + math.sqrt(1.0 - alpha_cumprod) * randn(x, generator), mask)
 
 
-def blend_known_sigma(x: torch.Tensor, x0: torch.Tensor | None, mask: torch.Tensor | None, sigma: float,
+def blend_known_sigma(x: torch.Tensor, known: torch.Tensor | None, mask: torch.Tensor | None, sigma: float,
                       generator) -> torch.Tensor:
-    """The same blend for a σ-space sample (known = x0 + σ z); a no-op without a mask."""
+    """The same blend for a σ-space sample (known + σ z); a no-op without a mask."""
     if mask is None:
         return x
-    known = x0 + float(sigma) * randn(x, generator)
-    return known * mask + (1.0 - mask) * x
+    return blend(x, known + float(sigma) * randn(x, generator), mask)
 
 
 def prepare_sigma_sampler(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int,

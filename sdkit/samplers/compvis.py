@@ -10,7 +10,7 @@ import torch
 
 from .ddim import ddim_alphas, ddim_sigmas, sample_ddim
 from .dpm_solver import sample_dpm_solver_pp
-from .guidance import _batch_size, cfg_eps_fn
+from .denoisers import batch_size_of, denoiser
 from .plms import sample_plms
 
 
@@ -39,20 +39,9 @@ def _model_device(model) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
-def _model_eps_fn(model, alphas_cumprod: torch.Tensor):
-    """apply_model as an ε-function (x₀-parameterised models are converted: ε = (x − √ᾱ x̂₀)/√(1−ᾱ))."""
-    log_ac = alphas_cumprod.detach().double().log()
-
-    def eps_fn(x, t, c):
-        t_model = t.long() if bool((t == t.round()).all()) else t  # CompVis hands integer steps over as long
-        out = model.apply_model(x, t_model, c)
-        if getattr(model, "parameterization", "eps") != "x0":
-            return out
-        pos = t.double().clamp(0, len(log_ac) - 1)
-        lo = pos.floor().long().clamp(max=len(log_ac) - 2)
-        a = torch.exp(log_ac[lo] + (pos - lo) * (log_ac[lo + 1] - log_ac[lo])).to(x).reshape(-1, *[1] * (x.ndim - 1))
-        return (x - a.sqrt() * out) / (1 - a).sqrt()
-    return eps_fn
+def _repaint_mask(mask, x0) -> dict:
+    """CompVis' ``mask`` is 1 where ``x0`` is kept; the samplers' is 1 where they repaint, with ``known`` kept."""
+    return {} if mask is None and x0 is None else {"mask": None if mask is None else 1.0 - mask, "known": x0}
 
 
 class _CompVisSampler:
@@ -70,8 +59,7 @@ class _CompVisSampler:
 
     def _eps_fn(self, conditioning, unconditional_conditioning, unconditional_guidance_scale,
                 score_corrector=None, corrector_kwargs=None):
-        model_eps = _model_eps_fn(self.model, self.model.alphas_cumprod)
-        eps_fn = cfg_eps_fn(model_eps, conditioning, unconditional_conditioning, unconditional_guidance_scale)
+        eps_fn = denoiser(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
         if score_corrector is None:
             return eps_fn
         if getattr(self.model, "parameterization", "eps") != "eps":
@@ -81,7 +69,7 @@ class _CompVisSampler:
 
     def _start(self, batch_size, shape, conditioning, x_T, generator):
         if conditioning is not None:
-            size = _batch_size(conditioning)
+            size = batch_size_of(conditioning)
             if size is not None and size != batch_size:
                 raise ValueError(f"got {size} conditionings for batch_size {batch_size}; pass one per sample, e.g. "
                                  "model.get_learned_conditioning(batch_size * [prompt])")
@@ -145,7 +133,7 @@ class DDIMSampler(_CompVisSampler):
         return self._run(sample_ddim, S, batch_size, shape, conditioning, callback, img_callback, quantize_x0, eta,
                          verbose, x_T, log_every_t, unconditional_guidance_scale, unconditional_conditioning,
                          score_corrector, corrector_kwargs, generator, eta=eta, temperature=temperature,
-                         noise_dropout=noise_dropout, mask=mask, x0=x0)
+                         noise_dropout=noise_dropout, **_repaint_mask(mask, x0))
 
     def _run(self, sampler_fn, S, batch_size, shape, conditioning, callback, img_callback, quantize_x0, ddim_eta,
              verbose, x_T, log_every_t, scale, uc, score_corrector, corrector_kwargs, generator, **sampler_kwargs):
@@ -158,7 +146,7 @@ class DDIMSampler(_CompVisSampler):
             self._eps_fn(conditioning, uc, scale, score_corrector, corrector_kwargs),
             img, self.model.alphas_cumprod, timesteps=self.ddim_timesteps, generator=generator,
             callback=self._callbacks(callback, img_callback, log_every_t, intermediates),
-            disable_progress=not verbose, x0_fn=x0_fn, **sampler_kwargs)
+            progress=verbose, x0_fn=x0_fn, **sampler_kwargs)
         return samples, intermediates
 
     def _encode_table(self, use_original_steps):
@@ -197,7 +185,7 @@ class DDIMSampler(_CompVisSampler):
             return x_latent
         eps_fn = self._eps_fn(cond, unconditional_conditioning, unconditional_guidance_scale)
         return sample_ddim(eps_fn, x_latent, self.model.alphas_cumprod, eta=self.ddim_eta,
-                           timesteps=timesteps[:t_start], generator=generator, disable_progress=False,
+                           timesteps=timesteps[:t_start], generator=generator, progress=True,
                            final_alpha_cumprod=1.0 if use_original_steps else None,
                            callback=(lambda i, n, x, x0: callback(i)) if callback else None)
 
@@ -218,7 +206,7 @@ class PLMSSampler(DDIMSampler):
                generator=None, **kwargs):
         return self._run(sample_plms, S, batch_size, shape, conditioning, callback, img_callback, quantize_x0, eta,
                          verbose, x_T, log_every_t, unconditional_guidance_scale, unconditional_conditioning,
-                         score_corrector, corrector_kwargs, generator, mask=mask, x0=x0)
+                         score_corrector, corrector_kwargs, generator, **_repaint_mask(mask, x0))
 
     def stochastic_encode(self, *args, **kwargs):
         raise NotImplementedError("PLMSSampler has no stochastic_encode (CompVis img2img is DDIM only); "
@@ -247,7 +235,7 @@ class DPMSolverSampler(_CompVisSampler):
             self._eps_fn(conditioning, unconditional_conditioning, unconditional_guidance_scale),
             img, self.alphas_cumprod, S, order=2, method="multistep", skip_type="time_uniform",
             lower_order_final=True, callback=self._callbacks(callback, img_callback, log_every_t, log),
-            disable_progress=not verbose)
+            progress=verbose)
         return x.to(_model_device(self.model)), None
 
 

@@ -27,12 +27,12 @@ def ddim_sigmas(a: list[float], a_prev: list[float], eta: float) -> list[float]:
 
 
 def sample_ddim(eps_fn, x_T, alphas_cumprod, steps=50, *, eta=0.0, spacing="compvis", timesteps=None,
-                generator=None, callback=None, disable_progress=False, temperature=1.0, noise_dropout=0.0,
-                mask=None, x0=None, x0_fn=None, final_alpha_cumprod=None, start_step=0):
+                generator=None, callback=None, progress=True, temperature=1.0, noise_dropout=0.0,
+                mask=None, known=None, x0_fn=None, final_alpha_cumprod=None, start_step=0):
     """DDIM; ``eta=0`` is deterministic, ``eta=1`` is DDPM-like ancestral sampling.
 
-    ``timesteps`` overrides ``spacing`` with explicit integer timesteps. ``mask``/``x0``: keep the known region
-    (mask = 1) of ``x0`` at every step (CompVis inpainting). ``temperature``/``noise_dropout`` scale/drop the
+    ``timesteps`` overrides ``spacing`` with explicit integer timesteps. ``mask``/``known``: repaint where ``mask``
+    is 1 and keep the latent ``known`` elsewhere, noised to each step's level (CompVis inpainting). ``temperature``/``noise_dropout`` scale/drop the
     added noise (CompVis options). ``x0_fn`` post-processes x̂₀ (e.g. VQ quantisation).
     ``final_alpha_cumprod``: ᾱ the last step goes to (default ᾱ₀, as CompVis; 1.0 for the clean sample).
     ``start_step``: skip the first grid steps (img2img); x_T is then the VP sample at ᾱ of ts[start_step].
@@ -42,12 +42,12 @@ def sample_ddim(eps_fn, x_T, alphas_cumprod, steps=50, *, eta=0.0, spacing="comp
     ts = ts[start_step:]
     a, a_prev = ddim_alphas(alphas_cumprod, ts, final_alpha_cumprod)
     sig = ddim_sigmas(a, a_prev, eta)
-    check_inpainting(mask, x0)
+    check_inpainting(mask, known)
     x = x_T
-    loop = StepLoop("ddim", len(ts), callback, disable_progress, ts)
+    loop = StepLoop("ddim", len(ts), callback, progress, ts)
     for i in loop:
         if mask is not None:
-            x = blend_known(x, x0, mask, a[i], generator)
+            x = blend_known(x, known, mask, a[i], generator)
         eps = call_eps(eps_fn, x, ts[i])
         pred_x0 = (x - math.sqrt(1 - a[i]) * eps) / math.sqrt(a[i])
         if x0_fn is not None:

@@ -14,10 +14,10 @@ from .grids import ddim_timesteps
 
 
 def sample_ddpm(eps_fn, x_T, alphas_cumprod, steps=1000, *, spacing="compvis", timesteps=None, generator=None,
-                callback=None, disable_progress=False, mask=None, x0=None, start_step=0):
+                callback=None, progress=True, mask=None, known=None, start_step=0):
     """DDPM; for the full CompVis chain use ``steps=1000, spacing="linspace"`` (t = 999 … 0).
-    ``mask``/``x0``: inpainting blend as in ddim; ``start_step`` skips the first grid steps (img2img)."""
-    check_inpainting(mask, x0)
+    ``mask``/``known``: inpainting blend as in ddim; ``start_step`` skips the first grid steps (img2img)."""
+    check_inpainting(mask, known)
     ts = ddim_timesteps(steps, spacing, len(alphas_cumprod), timesteps)
     check_start_step(start_step, len(ts))
     ts = ts[start_step:]
@@ -25,10 +25,10 @@ def sample_ddpm(eps_fn, x_T, alphas_cumprod, steps=1000, *, spacing="compvis", t
     a = [float(ac[t]) for t in ts]
     a_prev = a[1:] + [1.0]
     x = x_T
-    loop = StepLoop("ddpm", len(ts), callback, disable_progress, ts)
+    loop = StepLoop("ddpm", len(ts), callback, progress, ts)
     for i in loop:
         if mask is not None:
-            x = blend_known(x, x0, mask, a[i], generator)
+            x = blend_known(x, known, mask, a[i], generator)
         eps = call_eps(eps_fn, x, ts[i])
         pred_x0 = (x - math.sqrt(1 - a[i]) * eps) / math.sqrt(a[i])
         beta = 1 - a[i] / a_prev[i]

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from .common import StepLoop, call_eps, check_inpainting, check_start_step, randn
+from .common import StepLoop, blend, call_eps, check_inpainting, check_start_step, randn
 from .dpmpp import sample_dpm_multistep
 
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
@@ -161,8 +161,8 @@ def library_alphas_cumprod(alphas_cumprod: torch.Tensor, steps: int, skip_type: 
 
 def _sample(eps_fn, x_T, alphas_cumprod, steps, *, predict_x0, order, method, skip_type, lower_order_final,
             solver_type, denoise_to_zero, discretization, spacing, karras, generator, callback,
-            disable_progress, name, mask=None, x0=None, start_step=0):
-    check_inpainting(mask, x0)
+            progress, name, mask=None, known=None, start_step=0):
+    check_inpainting(mask, known)
     if discretization == "diffusers":
         if method != "multistep" or denoise_to_zero:
             raise ValueError("discretization='diffusers' supports method='multistep' without denoise_to_zero")
@@ -170,7 +170,7 @@ def _sample(eps_fn, x_T, alphas_cumprod, steps, *, predict_x0, order, method, sk
             eps_fn, x_T, alphas_cumprod, steps, order=order, algorithm="dpmsolver++" if predict_x0 else "dpmsolver",
             solver_type="midpoint" if solver_type == "dpm_solver" else "heun", lower_order_final=lower_order_final,
             spacing=spacing, karras=karras, generator=generator, callback=callback,
-            disable_progress=disable_progress, name=name, mask=mask, x0=x0, start_step=start_step)
+            progress=progress, name=name, mask=mask, known=known, start_step=start_step)
     if discretization != "compvis":
         raise ValueError(f"discretization must be 'compvis' or 'diffusers', got {discretization!r}")
     if spacing != "compvis" or karras:
@@ -187,16 +187,15 @@ def _sample(eps_fn, x_T, alphas_cumprod, steps, *, predict_x0, order, method, sk
     t_start = ns.time_steps(skip_type, ns.T, ns.eps, steps)[start_step]
     solver = _Solver(eps_fn, ns, predict_x0, solver_type)
 
-    def blend(x, t):  # inpainting: the known region noised to time t, before each step's model call
+    def blend_at(x, t):  # inpainting: the known region noised to time t, before each step's model call
         if mask is None:
             return x
-        known = ns.alpha(t) * x0 + ns.sigma(t) * randn(x, generator)
-        return known * mask + (1.0 - mask) * x
+        return blend(x, ns.alpha(t) * known + ns.sigma(t) * randn(x, generator), mask)
 
     run = _multistep if method == "multistep" else _singlestep
     x = run(solver, x_T, steps - start_step, order, method, skip_type, lower_order_final,
-            lambda n, ts: StepLoop(name, n, callback, disable_progress, [ns.model_time(t) for t in ts]),
-            t_start, blend)
+            lambda n, ts: StepLoop(name, n, callback, progress, [ns.model_time(t) for t in ts]),
+            t_start, blend_at)
     if denoise_to_zero:  # one more call: jump from t = 1/N straight to x̂₀
         solver.model(x, ns.eps)
         x = solver.last_x0
@@ -257,23 +256,23 @@ def _singlestep(solver, x, steps, order, method, skip_type, lower_order_final, m
 def sample_dpm_solver(eps_fn, x_T, alphas_cumprod, steps=20, *, order=3, method="singlestep",
                       skip_type="time_uniform", lower_order_final=True, solver_type="dpm_solver",
                       denoise_to_zero=False, discretization="compvis", spacing="compvis", karras=False,
-                      generator=None, callback=None, disable_progress=False, mask=None, x0=None, start_step=0):
+                      generator=None, callback=None, progress=True, mask=None, known=None, start_step=0):
     """DPM-Solver (noise prediction). Default: DPM-Solver-3 singlestep ("DPM-Solver-fast"), NFE = steps."""
     return _sample(eps_fn, x_T, alphas_cumprod, steps, predict_x0=False, order=order, method=method,
                    skip_type=skip_type, lower_order_final=lower_order_final, solver_type=solver_type,
                    denoise_to_zero=denoise_to_zero, discretization=discretization, spacing=spacing, karras=karras,
-                   generator=generator, callback=callback, disable_progress=disable_progress, name="dpm_solver",
-                   mask=mask, x0=x0, start_step=start_step)
+                   generator=generator, callback=callback, progress=progress, name="dpm_solver",
+                   mask=mask, known=known, start_step=start_step)
 
 
 def sample_dpm_solver_pp(eps_fn, x_T, alphas_cumprod, steps=20, *, order=2, method="multistep",
                          skip_type="time_uniform", lower_order_final=True, solver_type="dpm_solver",
                          denoise_to_zero=False, discretization="compvis", spacing="compvis", karras=False,
-                         generator=None, callback=None, disable_progress=False, mask=None, x0=None,
+                         generator=None, callback=None, progress=True, mask=None, known=None,
                          start_step=0):
     """DPM-Solver++ (data prediction). Default: 2M multistep, time-uniform, as CompVis ``DPMSolverSampler``."""
     return _sample(eps_fn, x_T, alphas_cumprod, steps, predict_x0=True, order=order, method=method,
                    skip_type=skip_type, lower_order_final=lower_order_final, solver_type=solver_type,
                    denoise_to_zero=denoise_to_zero, discretization=discretization, spacing=spacing, karras=karras,
-                   generator=generator, callback=callback, disable_progress=disable_progress, name="dpm_solver++",
-                   mask=mask, x0=x0, start_step=start_step)
+                   generator=generator, callback=callback, progress=progress, name="dpm_solver++",
+                   mask=mask, known=known, start_step=start_step)

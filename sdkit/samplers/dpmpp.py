@@ -78,8 +78,8 @@ def _sde_update(x, ms, lams, sigma, sigma_next, k, solver_type, eta, noise):
 
 def sample_dpm_multistep(eps_fn, x_T, alphas_cumprod, steps=20, *, order=2, algorithm="dpmsolver++",
                          solver_type="midpoint", lower_order_final=True, final=None, eta=1.0, spacing="compvis",
-                         karras=False, generator=None, callback=None, disable_progress=False, name=None,
-                         mask=None, x0=None, start_step=0):
+                         karras=False, generator=None, callback=None, progress=True, name=None,
+                         mask=None, known=None, start_step=0):
     """Multistep DPM-Solver(++) of ``order`` 1–3 (``sde-dpmsolver++``: 1–2). ``final`` is the last σ: "zero"
     (default for the data-prediction algorithms) or "sigma_min" (the only choice for noise prediction, as in
     diffusers). ``eta`` scales the SDE noise (1 = diffusers' sde-dpmsolver++)."""
@@ -93,12 +93,12 @@ def sample_dpm_multistep(eps_fn, x_T, alphas_cumprod, steps=20, *, order=2, algo
     final = final or ("sigma_min" if algorithm == "dpmsolver" else "zero")
     if algorithm == "dpmsolver" and final == "zero":
         raise ValueError("noise-prediction DPM-Solver cannot step onto σ = 0; use final='sigma_min' or dpmsolver++")
-    check_inpainting(mask, x0)
+    check_inpainting(mask, known)
     x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "dpm", final,
                                                    start_step)
     n = len(ts)
-    ms, lams, known = [], [], x0
-    loop = StepLoop(name or algorithm, n, callback, disable_progress, ts)
+    ms, lams = [], []
+    loop = StepLoop(name or algorithm, n, callback, progress, ts)
     for i in loop:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x = blend_known_sigma(x, known, mask, sigma, generator)
@@ -120,21 +120,21 @@ def sample_dpm_multistep(eps_fn, x_T, alphas_cumprod, steps=20, *, order=2, algo
 
 def sample_dpmpp_2m(eps_fn, x_T, alphas_cumprod, steps=20, *, spacing="compvis", karras=False,
                     lower_order_final=True, solver_type="midpoint", generator=None, callback=None,
-                    disable_progress=False, mask=None, x0=None, start_step=0):
+                    progress=True, mask=None, known=None, start_step=0):
     """DPM-Solver++(2M): == diffusers DPMSolverMultistepScheduler's defaults (and k-diffusion dpmpp_2m)."""
     return sample_dpm_multistep(eps_fn, x_T, alphas_cumprod, steps, order=2, algorithm="dpmsolver++",
                                 solver_type=solver_type, lower_order_final=lower_order_final, spacing=spacing,
                                 karras=karras, generator=generator, callback=callback,
-                                disable_progress=disable_progress, name="dpmpp_2m", mask=mask, x0=x0,
+                                progress=progress, name="dpmpp_2m", mask=mask, known=known,
                                 start_step=start_step)
 
 
 def sample_dpmpp_2m_sde(eps_fn, x_T, alphas_cumprod, steps=20, *, eta=1.0, spacing="compvis", karras=False,
                         lower_order_final=True, solver_type="midpoint", generator=None, callback=None,
-                        disable_progress=False, mask=None, x0=None, start_step=0):
+                        progress=True, mask=None, known=None, start_step=0):
     """DPM-Solver++(2M) SDE: == DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") at eta = 1."""
     return sample_dpm_multistep(eps_fn, x_T, alphas_cumprod, steps, order=2, algorithm="sde-dpmsolver++",
                                 solver_type=solver_type, lower_order_final=lower_order_final, eta=eta,
                                 spacing=spacing, karras=karras, generator=generator, callback=callback,
-                                disable_progress=disable_progress, name="dpmpp_2m_sde", mask=mask, x0=x0,
+                                progress=progress, name="dpmpp_2m_sde", mask=mask, known=known,
                                 start_step=start_step)

@@ -19,13 +19,12 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
 
 
 def sample_euler(eps_fn, x_T, alphas_cumprod, steps=20, *, spacing="compvis", karras=False, generator=None,
-                 callback=None, disable_progress=False, mask=None, x0=None, start_step=0):
+                 callback=None, progress=True, mask=None, known=None, start_step=0):
     """Euler's method on the probability-flow ODE (deterministic; 1 model call per step)."""
-    check_inpainting(mask, x0)
+    check_inpainting(mask, known)
     x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "k",
                                                    start_step=start_step)
-    known = x0
-    loop = StepLoop("euler", len(ts), callback, disable_progress, ts)
+    loop = StepLoop("euler", len(ts), callback, progress, ts)
     for i in loop:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x = blend_known_sigma(x, known, mask, sigma, generator)
@@ -36,13 +35,12 @@ def sample_euler(eps_fn, x_T, alphas_cumprod, steps=20, *, spacing="compvis", ka
 
 
 def sample_euler_ancestral(eps_fn, x_T, alphas_cumprod, steps=20, *, eta=1.0, spacing="compvis", karras=False,
-                           generator=None, callback=None, disable_progress=False, mask=None, x0=None, start_step=0):
+                           generator=None, callback=None, progress=True, mask=None, known=None, start_step=0):
     """Euler with ancestral noise: each step moves to σ_down and adds σ_up · z (``eta`` scales σ_up)."""
-    check_inpainting(mask, x0)
+    check_inpainting(mask, known)
     x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "k",
                                                    start_step=start_step)
-    known = x0
-    loop = StepLoop("euler_a", len(ts), callback, disable_progress, ts)
+    loop = StepLoop("euler_a", len(ts), callback, progress, ts)
     for i in loop:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x = blend_known_sigma(x, known, mask, sigma, generator)

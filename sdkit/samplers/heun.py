@@ -8,12 +8,11 @@ from .common import StepLoop, blend_known_sigma, check_inpainting, prepare_sigma
 
 
 def sample_heun(eps_fn, x_T, alphas_cumprod, steps=20, *, spacing="compvis", karras=False, generator=None,
-                callback=None, disable_progress=False, mask=None, x0=None, start_step=0):
-    check_inpainting(mask, x0)
+                callback=None, progress=True, mask=None, known=None, start_step=0):
+    check_inpainting(mask, known)
     x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "k",
                                                    start_step=start_step)
-    known = x0
-    loop = StepLoop("heun", len(ts), callback, disable_progress, ts)
+    loop = StepLoop("heun", len(ts), callback, progress, ts)
     for i in loop:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x = blend_known_sigma(x, known, mask, sigma, generator)

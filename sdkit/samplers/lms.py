@@ -19,14 +19,14 @@ def lms_coefficient(sigmas, order: int, i: int, j: int) -> float:
 
 
 def sample_lms(eps_fn, x_T, alphas_cumprod, steps=20, *, order=4, spacing="compvis", karras=False, generator=None,
-               callback=None, disable_progress=False, mask=None, x0=None, start_step=0):
+               callback=None, progress=True, mask=None, known=None, start_step=0):
     if order < 1:
         raise ValueError(f"LMS order must be at least 1, got {order}")
-    check_inpainting(mask, x0)
+    check_inpainting(mask, known)
     x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "k",
                                                    start_step=start_step)
-    slopes, known = [], x0
-    loop = StepLoop("lms", len(ts), callback, disable_progress, ts)
+    slopes = []
+    loop = StepLoop("lms", len(ts), callback, progress, ts)
     for i in loop:
         x = blend_known_sigma(x, known, mask, sigmas[i], generator)
         x0 = denoise(x, i)

@@ -24,13 +24,13 @@ def _combine(eps, history):
 
 
 def sample_plms(eps_fn, x_T, alphas_cumprod, steps=50, *, eta=0.0, spacing="compvis", timesteps=None,
-                generator=None, callback=None, disable_progress=False, mask=None, x0=None, x0_fn=None,
+                generator=None, callback=None, progress=True, mask=None, known=None, x0_fn=None,
                 start_step=0):
     """PLMS. Deterministic: ``eta`` must be 0 (use ddim for η > 0). ``generator`` only feeds the inpainting
-    blend (``mask``/``x0``, as in ddim). ``start_step`` skips the first grid steps (img2img)."""
+    blend (``mask``/``known``, as in ddim). ``start_step`` skips the first grid steps (img2img)."""
     if eta != 0:
         raise ValueError(f"PLMS is deterministic, so eta must be 0 (got eta={eta}); use sampler='ddim' for eta > 0")
-    check_inpainting(mask, x0)
+    check_inpainting(mask, known)
     ts = ddim_timesteps(steps, spacing, len(alphas_cumprod), timesteps)
     check_start_step(start_step, len(ts))
     ts = ts[start_step:]
@@ -43,10 +43,10 @@ def sample_plms(eps_fn, x_T, alphas_cumprod, steps=50, *, eta=0.0, spacing="comp
         return math.sqrt(a_prev[i]) * pred_x0 + math.sqrt(1 - a_prev[i]) * eps, pred_x0
 
     x, history = x_T, []
-    loop = StepLoop("plms", len(ts), callback, disable_progress, ts)
+    loop = StepLoop("plms", len(ts), callback, progress, ts)
     for i in loop:
         if mask is not None:
-            x = blend_known(x, x0, mask, a[i], generator)
+            x = blend_known(x, known, mask, a[i], generator)
         eps = call_eps(eps_fn, x, ts[i])
         if not history:
             x_next, _ = ddim_step(x, eps, i)

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .common import StepLoop, check_inpainting, prepare_sigma_sampler, randn, vp_scale
+from .common import StepLoop, blend, check_inpainting, prepare_sigma_sampler, randn, vp_scale
 
 SOLVER_TYPES = ("bh1", "bh2")
 
@@ -46,30 +46,30 @@ def _update(x, ms, lams, lam_t, sigma_s, sigma_t, order, solver_type, model_t=No
 
 def sample_unipc(eps_fn, x_T, alphas_cumprod, steps=20, *, order=2, solver_type="bh2", lower_order_final=True,
                  disable_corrector=(), final="zero", spacing="compvis", karras=False, generator=None, callback=None,
-                 disable_progress=False, mask=None, x0=None, start_step=0):
+                 progress=True, mask=None, known=None, start_step=0):
     """UniPC-``order`` (1–3). ``disable_corrector``: step indices whose result is not corrected. ``final``: the
     last σ, "zero" or "sigma_min" (the smallest training σ; then the result is the VP sample there).
-    With ``mask``/``x0`` the known region is set before each model call and again after the corrector."""
+    With ``mask``/``known`` the known region is set before each model call and again after the corrector."""
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"unknown solver_type {solver_type!r}; choose one of {SOLVER_TYPES}")
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC supports orders 1 to 3, got order={order}")
-    check_inpainting(mask, x0)
+    check_inpainting(mask, known)
     x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "dpm",
                                                  final, start_step)
     n = len(ts)
-    ms, lams, this_order, last_x, clean = [], [], 1, None, x0
-    loop = StepLoop("unipc", n, callback, disable_progress, ts)
+    ms, lams, this_order, last_x = [], [], 1, None
+    loop = StepLoop("unipc", n, callback, progress, ts)
     for i in loop:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         if mask is not None:
-            known = clean + sigma * randn(x, generator)
-            x = known * mask + (1.0 - mask) * x
+            known_now = known + sigma * randn(x, generator)
+            x = blend(x, known_now, mask)
         x0 = denoise(x, i)
         if i > 0 and (i - 1) not in disable_corrector:
             x = _update(last_x, ms, lams, -math.log(sigma), float(sigmas[i - 1]), sigma, this_order, solver_type, x0)
             if mask is not None:
-                x = known * mask + (1.0 - mask) * x
+                x = blend(x, known_now, mask)
         ms, lams = (ms + [x0])[-order:], (lams + [-math.log(sigma)])[-order:]
         this_order = min(order, n - i) if lower_order_final else order
         this_order = min(this_order, i + 1)

@@ -319,7 +319,7 @@ class LatentDiffusionModule(WrappedModule):
                    plot_reconstruction: bool = True, seed: int = 0, **kwargs) -> dict:
         """Images for the image logger, in [-1, 1]: ``inputs``, ``reconstruction``, ``samples`` (EMA weights,
         classifier-free guidance for text models) and ``captions`` (list of str), for the first N items."""
-        from ..samplers import sample as run_sampler
+        from ..samplers import denoiser, sample as run_sampler
 
         options = {**self.log_images_kwargs, **kwargs}
         N = min(N, len(batch["index"]))
@@ -345,13 +345,13 @@ class LatentDiffusionModule(WrappedModule):
             scale = float(options.pop("unconditional_guidance_scale", unconditional_guidance_scale))
             uncond = self.conditioning({**small, self.ldm.cond_stage_key: [""] * N}) \
                 if self.is_text_conditioned and scale != 1.0 else None
-            eps_fn = guided_eps_fn(self.ldm, cond, uncond, scale)
+            eps_fn = denoiser(self.ldm, cond, uncond, scale)
             x_T = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
             steps = int(options.pop("ddim_steps", ddim_steps))
             extra = {"eta": options.pop("ddim_eta", ddim_eta)} if sampler in ("ddim",) else {}
             with self.ldm.ema_scope():
                 z0 = run_sampler(eps_fn, x_T, self.ldm.alphas_cumprod, sampler=sampler, steps=steps,
-                                 disable_progress=True, **extra)
+                                 progress=False, **extra)
             log["samples"] = self.ldm.decode_first_stage(z0)
         self._latent_cache = {k: v for k, v in self._latent_cache.items() if k[0] != "log_images"}
         return log
@@ -376,19 +376,6 @@ def load_first_stage(ldm: LatentDiffusion, path: str) -> None:
             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} of another shape "
             f"{wrong[:3]}. Use the checkpoint of an autoencoder trained with the same ddconfig/embed_dim.")
     ldm.first_stage_model.load_state_dict(state, strict=True)
-
-
-def guided_eps_fn(ldm: LatentDiffusion, cond, uncond, scale: float):
-    """ε(x, t) with classifier-free guidance: uncond + scale · (cond − uncond); plain ε when uncond is None."""
-
-    def eps_fn(x, t):
-        t = t.to(x.device)
-        if uncond is None:
-            return ldm.apply_model(x, t, cond)
-        e_u, e_c = ldm.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
-        return e_u + scale * (e_c - e_u)
-
-    return eps_fn
 
 
 def with_scheduler(optimizer: torch.optim.Optimizer, scheduler_config) -> Any:

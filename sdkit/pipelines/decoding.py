@@ -1,4 +1,4 @@
-"""Tiled VAE decoding: decode a large latent in overlapping tiles, with the memory of one tile.
+"""Latents back to pixels: the plain VAE decode, and tiled decoding of a large latent with the memory of one tile.
 
 Tiles are blended with feathered (linear ramp) weights over their overlaps, so each seam falls where both tiles
 are far from their borders, and the result is a weighted average of the tiles' decodes. For a decoder whose
@@ -13,7 +13,21 @@ from __future__ import annotations
 
 import torch
 
-from .common import geometry, vae_decode
+
+
+def vae_dtype(model) -> torch.dtype:
+    return next(model.first_stage_model.parameters()).dtype
+
+
+@torch.no_grad()
+def vae_decode(model, z: torch.Tensor) -> torch.Tensor:
+    """``decode_first_stage`` in the VAE's dtype (it checks for NaN/inf), back to float32."""
+    return model.decode_first_stage(z.to(vae_dtype(model))).float()
+
+
+def decode(model, z: torch.Tensor, tile: int | None = None, overlap: int = 8) -> torch.Tensor:
+    """Scaled latents -> pixels [B, 3, H, W] in about [-1, 1]; ``tile`` (latent pixels) decodes in tiles."""
+    return decode_tiled(model, z, tile=tile, overlap=overlap) if tile else vae_decode(model, z)
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -50,7 +64,7 @@ def decode_tiled(model, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> t
     b, _, h, w = z.shape
     if h <= tile and w <= tile:
         return vae_decode(model, z)
-    f = geometry(model).factor
+    f = model.vae_factor
     out = weight = None
     for y in tile_starts(h, tile, overlap):
         for x in tile_starts(w, tile, overlap):
