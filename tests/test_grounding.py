@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from sdkit.data.shapes import BACKGROUNDS, COLOURS, ShapesDataset, render
 from sdkit.data.transforms import to_tensor
 from sdkit.nn.attention import CrossAttention
+from sdkit.nn.attention_processors import AttentionRecorder
 from sdkit.nn.text import bert_wordpiece_tokenizer
 from sdkit.nn.tokenizer import CLIPTokenizer
 from sdkit.training import grounding
@@ -30,16 +31,17 @@ def test_recorded_attention_gives_the_fused_result_and_keeps_softmax_maps():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
     for m in (None, mask):
         fused = layer(x, context, mask=m)
-        layer.record_attention = True
+        recorder = AttentionRecorder()
+        layer.processor = recorder.bind("layer", layer)
         recorded = layer(x, context, mask=m)
-        layer.record_attention = False
+        del layer.processor
         torch.testing.assert_close(recorded, fused, atol=1e-6, rtol=1e-5)
         q = layer.to_q(x).reshape(3, 10, 2, 4).transpose(1, 2)
         k = layer.to_k(context).reshape(3, 5, 2, 4).transpose(1, 2)
         logits = q @ k.transpose(-1, -2) / 2.0                        # dim_head 4: scale 1/2
         if m is not None:
             logits = logits.masked_fill(~m[:, None, None, :], float("-inf"))
-        torch.testing.assert_close(layer.attention, logits.softmax(-1), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(recorder.maps["layer"][0], logits.softmax(-1), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("tokenizer", [bert_wordpiece_tokenizer, CLIPTokenizer], ids=["minilm", "clip"])
@@ -119,9 +121,11 @@ def tiny_module(grounding_weight: float, checkpointing: bool = False, max_timest
     config = OmegaConf.load(ROOT / "sdkit" / "configs" / "tiny-test.yaml").model
     config.params.unet_config.params.use_checkpoint = checkpointing
     torch.manual_seed(0)
+    addon = {"target": "sdkit.training.grounding.GroundingLoss",
+             "params": {"weight": grounding_weight, "max_timestep": max_timestep}}
     return LatentDiffusionModule({"target": config.target, "params": config.params},
-                                 grounding_weight=grounding_weight, gradient_checkpointing=checkpointing,
-                                 grounding_max_timestep=max_timestep)
+                                 addons={"grounding": addon} if grounding_weight else None,
+                                 gradient_checkpointing=checkpointing)
 
 
 def shapes_batch(n: int = 6, size: int = 32) -> dict:
@@ -150,7 +154,7 @@ def test_module_adds_the_weighted_grounding_loss_and_it_can_be_learned():
         loss.backward()
         optimizer.step()
     assert logs["train/loss_grounding"].item() < 0.5 * first
-    assert not any(getattr(m, "record_attention", False) for m in grounded.ldm.modules())
+    assert not any("processor" in m.__dict__ for m in grounded.ldm.modules())   # the recorder was removed
 
 
 def test_grounding_max_timestep_leaves_noisier_items_out():

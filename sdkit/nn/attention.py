@@ -69,11 +69,13 @@ class CrossAttention(nn.Module):
     """Multi-head attention of queries from `x` over keys/values from `context` (self-attention without it).
 
     `mask` (optional, bool [batch, context tokens], True = attend) hides context tokens, as in CompVis.
-    With `record_attention` set, the softmax is computed explicitly and kept (with its graph) in `attention`
-    [batch, heads, queries, tokens], for losses on the attention maps (sdkit.training.grounding).
+    The attention itself is computed by a replaceable *processor* (``self.processor``; None = the default
+    :func:`fused_attention`): ``processor(attn, x, context, mask) -> output``, built from the pieces below
+    (``heads_qkv``, ``score_bias``, ``probabilities``, ``output``). Recording maps, editing them (prompt-to-prompt)
+    or adding adapters are processors installed through ``sdkit.nn.attention_processors``, never branches here.
     """
 
-    record_attention = False
+    processor = None
 
     def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.0):
         super().__init__()
@@ -87,6 +89,12 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
     def forward(self, x, context=None, mask=None):
+        return (self.processor or fused_attention)(self, x, context, mask)
+
+    # ---------------------------------------------------------------- the pieces processors are built from
+    def heads_qkv(self, x, context=None):
+        """Queries from ``x``, keys and values from ``context`` (``x`` itself for self-attention), each
+        [batch, heads, tokens, dim_head]."""
         context = x if context is None else context
         expected = self.to_k.in_features
         if context.shape[-1] != expected:
@@ -94,23 +102,42 @@ class CrossAttention(nn.Module):
                 f"CrossAttention expects context vectors of size {expected}, got a context of shape "
                 f"{tuple(context.shape)}. Use a text encoder whose width matches the UNet's context_dim."
             )
-        q, k, v = (_split_heads(t, self.heads) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        attn_mask = None
-        if mask is not None:
-            # CompVis fills masked scores with -max (not -inf), so a fully masked row stays finite.
-            keep = mask.reshape(mask.shape[0], 1, 1, -1).bool()
-            attn_mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
-            attn_mask = attn_mask.masked_fill(~keep, -torch.finfo(q.dtype).max)
-        if self.record_attention:
-            scores = (q @ k.transpose(-1, -2)) * self.scale
-            if attn_mask is not None:
-                scores = scores + attn_mask
-            self.attention = scores.softmax(dim=-1)
-            out = self.attention @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
-        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        return self.to_out(out)
+        return tuple(_split_heads(t, self.heads) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+
+    @staticmethod
+    def score_bias(mask, q):
+        """The additive score mask for a bool token mask [batch, tokens] (None passes through). CompVis fills
+        masked scores with -max (not -inf), so a fully masked row stays finite."""
+        if mask is None:
+            return None
+        keep = mask.reshape(mask.shape[0], 1, 1, -1).bool()
+        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+        return bias.masked_fill(~keep, -torch.finfo(q.dtype).max)
+
+    def probabilities(self, q, k, bias=None):
+        """softmax(q kᵀ · scale + bias): [batch, heads, queries, keys], computed explicitly (what the fused
+        kernel never materialises)."""
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        if bias is not None:
+            scores = scores + bias
+        return scores.softmax(dim=-1)
+
+    def output(self, out, x):
+        """[batch, heads, queries, dim_head] -> merged heads -> ``to_out``, shaped like ``x``."""
+        return self.to_out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+def fused_attention(attn: CrossAttention, x, context=None, mask=None):
+    """The default processor: one fused ``scaled_dot_product_attention`` call (never materialises the maps)."""
+    q, k, v = attn.heads_qkv(x, context)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.score_bias(mask, q), scale=attn.scale)
+    return attn.output(out, x)
+
+
+def explicit_attention(attn: CrossAttention, x, context=None, mask=None):
+    """The same attention with the softmax computed explicitly (the base of recorders and editors)."""
+    q, k, v = attn.heads_qkv(x, context)
+    return attn.output(attn.probabilities(q, k, attn.score_bias(mask, q)) @ v, x)
 
 
 class BasicTransformerBlock(nn.Module):

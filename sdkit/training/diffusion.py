@@ -18,8 +18,8 @@ them)::
                                    # (sdkit train keeps both caches in <run>/cache/, so a resumed run reuses them)
         gradient_checkpointing: false
         weight_decay: 0.01
-        grounding_weight: 0.0      # > 0: add the attention grounding loss on shape captions (training/grounding.py)
-        grounding_max_timestep: null   # ground only items noised to t < this (None: every t)
+        addons:                    # extra training losses, each {target, params} (e.g. training/grounding.py)
+          grounding: {target: sdkit.training.grounding.GroundingLoss, params: {weight: 0.5, max_timestep: 700}}
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from ..config import instantiate_from_config
 from ..diffusion import LatentDiffusion
 from ..nn.autoencoder import AutoencoderKL
 from ..nn.distributions import DiagonalGaussianDistribution
-from . import encoding_cache, grounding
+from . import encoding_cache
 from .strategies import ema_update, full_parameters, is_fsdp
 from .common import WrappedModule, batch_value, build, image_input, per_sample_randn, sample_generators
 
@@ -65,13 +65,11 @@ class LatentDiffusionModule(WrappedModule):
             warning), so a trained model can grow: e.g. a SpatialTransformer added at another resolution starts
             as the identity (its output projection is zero-initialised) and the grown model at first computes
             exactly what the checkpoint's model did.
-        grounding_weight: weight of the attention grounding loss (sdkit.training.grounding) added to the training
-            loss: the cross-attention a shape caption's colour and shape words get should fall on their group's
-            pixels. 0 (the default) leaves training as CompVis had it.
-        grounding_max_timestep: ground only the items whose timestep is below this. Near pure noise the image
-            does not yet say where an object will be, so the loss cannot be met there and only pushes attention to
-            guessed places (measured on the stage-7 model: the loss is 0.01-0.03 for t ≤ 600, 0.14 at 800, 0.34
-            at 950).
+        addons: extra training losses, a list or a name -> config mapping of ``{target, params}`` objects with
+            ``name``, ``weight``, ``setup(module)`` (refuse what they cannot work with) and ``watch(module, batch,
+            t, drop, cond)``: a context manager around the training forward pass that yields a function returning
+            the extra loss (or None). Example: the attention grounding loss, ``sdkit.training.grounding``. None
+            (the default) leaves training as CompVis had it. Add-ons act on training batches only.
     """
 
     inner = "ldm"
@@ -81,7 +79,7 @@ class LatentDiffusionModule(WrappedModule):
                  weight_decay: float = 0.01, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
                  log_images_kwargs: Mapping | None = None, first_stage_ckpt: str | None = None,
                  init_from: str | None = None, init_use_ema: bool = True, init_strict: bool = True,
-                 grounding_weight: float = 0.0, grounding_max_timestep: int | None = None):
+                 addons: Mapping | Sequence | None = None):
         super().__init__(seed=seed, learning_rate=learning_rate)
         self.ldm: LatentDiffusion = build(model)
         if not isinstance(self.ldm, LatentDiffusion):
@@ -108,20 +106,15 @@ class LatentDiffusionModule(WrappedModule):
         self._cache_sizes_saved = (0, 0)
         if gradient_checkpointing is not None:
             set_gradient_checkpointing(self.ldm.model, gradient_checkpointing)
-        self.grounding_weight = float(grounding_weight)
-        self.grounding_max_timestep = grounding_max_timestep
-        if self.grounding_weight:
-            checkpointed = any(getattr(m, "checkpoint", False) is True for m in self.ldm.model.modules())
-            if not self.is_text_conditioned or checkpointed:
-                raise ValueError(
-                    "grounding_weight > 0 needs a text-conditioned (crossattn) model trained without gradient "
-                    "checkpointing (the loss reads the attention maps of the forward pass); set "
-                    "gradient_checkpointing: false or grounding_weight: 0")
+        addons = addons.values() if isinstance(addons, Mapping) else (addons or [])
+        self.addons = [a if hasattr(a, "watch") else instantiate_from_config(a) for a in addons if a is not None]
+        for addon in self.addons:
+            addon.setup(self)
 
     # ------------------------------------------------------------------ inputs
     @property
     def is_text_conditioned(self) -> bool:
-        return self.ldm.model.conditioning_key in ("crossattn", "hybrid") and self.ldm.cond_stage_model is not None
+        return self.ldm.is_text_conditioned
 
     def posterior_moments(self, batch: Mapping, split: str) -> torch.Tensor:
         """The first stage's posterior parameters [B, 2C, h, w] (KL) or latent [B, C, h, w] (VQ), cached per
@@ -232,22 +225,15 @@ class LatentDiffusionModule(WrappedModule):
         z = self.latents(self.posterior_moments(batch, split), generators)
         noise = per_sample_randn(generators, z.shape[1:], z.device, z.dtype)
         cond = self.conditioning(batch, drop if ucg > 0 else None)
-        if not (self.grounding_weight and split == "train"):
+        addons = self.addons if split == "train" else []
+        with contextlib.ExitStack() as stack:
+            extra_losses = [stack.enter_context(addon.watch(self, batch, t, drop, cond)) for addon in addons]
             loss, logs = self.ldm.p_losses(z, cond, t.to(self.device), noise=noise)
-            return loss, logs, drop
-        encoder = self.ldm.cond_stage_model
-        captions = batch_value(batch, self.ldm.cond_stage_key)
-        limit = self.grounding_max_timestep if self.grounding_max_timestep is not None else self.ldm.num_timesteps
-        groups = [[] if drop[i] or int(t[i]) >= limit
-                  else grounding.grounded_groups(c, encoder.tokenizer, encoder.max_length)
-                  for i, c in enumerate(captions)]
-        targets = grounding.GroundingTargets(image_input(batch, self.ldm.first_stage_key), groups, cond.shape[1])
-        with grounding.recorded_cross_attention(self.ldm.model) as layers:
-            loss, logs = self.ldm.p_losses(z, cond, t.to(self.device), noise=noise)
-            grounding_loss = grounding.grounding_loss(layers, targets)
-        if grounding_loss is not None:
-            logs["train/loss_grounding"] = grounding_loss.detach()
-            loss = loss + self.grounding_weight * grounding_loss
+            for addon, extra_loss in zip(addons, extra_losses):
+                value = extra_loss()
+                if value is not None:
+                    logs[f"train/loss_{addon.name}"] = value.detach()
+                    loss = loss + addon.weight * value
         return loss, logs, drop
 
     def training_step(self, batch: Mapping, batch_idx: int):

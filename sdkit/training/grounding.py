@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..data.shapes import COLOURS, SHAPES, _plural, parse_caption
-from ..nn.attention import CrossAttention
+from ..nn.attention_processors import AttentionRecorder, attention_processor
+from .common import batch_value, image_input
 
 COLOUR_DISTANCE = 50.0   # RGB distance (0-255) under which a pixel is the group's colour; colours are ≥ 97 apart
 MIN_COVERAGE = 0.05      # a cell of the attention grid belongs to a group when this much of it is the group's colour
@@ -86,21 +86,6 @@ def colour_mask(image: torch.Tensor, colour: str) -> torch.Tensor:
     return ((rgb - target).norm(dim=0) < COLOUR_DISTANCE).float()
 
 
-@contextlib.contextmanager
-def recorded_cross_attention(unet: nn.Module):
-    """Make every cross-attention layer (``attn2``, the one over the text) keep its attention maps; yields the list
-    of those layers, whose ``attention`` holds the maps after a forward pass."""
-    layers = [m for name, m in unet.named_modules() if isinstance(m, CrossAttention) and name.endswith("attn2")]
-    for layer in layers:
-        layer.record_attention = True
-    try:
-        yield layers
-    finally:
-        for layer in layers:
-            layer.record_attention = False
-            layer.__dict__.pop("attention", None)
-
-
 class GroundingTargets:
     """Where each grounded group of a batch is: item index, which tokens are its words, and its colour mask,
     pooled to each attention resolution on first use."""
@@ -139,8 +124,53 @@ def token_loss(attention: torch.Tensor, targets: GroundingTargets) -> torch.Tens
     return (((1 - inside) ** 2) * words).sum() / words.sum()
 
 
-def grounding_loss(layers: list[CrossAttention], targets: GroundingTargets) -> torch.Tensor | None:
-    """Token loss averaged over the recorded cross-attention layers (None when the batch grounds nothing)."""
+def grounding_loss(maps: list[torch.Tensor], targets: GroundingTargets) -> torch.Tensor | None:
+    """Token loss averaged over cross-attention layers' maps (None when the batch grounds nothing)."""
     if len(targets) == 0:
         return None
-    return torch.stack([token_loss(layer.attention, targets) for layer in layers]).mean()
+    return torch.stack([token_loss(attention, targets) for attention in maps]).mean()
+
+
+class GroundingLoss:
+    """The grounding loss as a training add-on of :class:`~sdkit.training.diffusion.LatentDiffusionModule`::
+
+        model:
+          training:
+            addons:
+              grounding: {target: sdkit.training.grounding.GroundingLoss, params: {weight: 0.5, max_timestep: 700}}
+
+    It records the cross-attention maps of the training forward pass through the attention hook
+    (``sdkit.nn.attention_processors``) and adds ``weight`` × the token loss of the batch's shape captions.
+    ``max_timestep``: ground only the items whose timestep is below this. Near pure noise the image does not yet
+    say where an object will be, so the loss cannot be met there and only pushes attention to guessed places
+    (measured on the stage-7 model: the loss is 0.01-0.03 for t ≤ 600, 0.14 at 800, 0.34 at 950).
+    """
+
+    name = "grounding"
+
+    def __init__(self, weight: float = 0.5, max_timestep: int | None = None):
+        self.weight, self.max_timestep = float(weight), max_timestep
+
+    def setup(self, module) -> None:
+        """Refuse what the loss cannot work with: a model without text, or gradient checkpointing (the loss reads
+        the maps of the forward pass, which checkpointing recomputes)."""
+        checkpointed = any(getattr(m, "checkpoint", False) is True for m in module.ldm.model.modules())
+        if not module.ldm.is_text_conditioned or checkpointed:
+            raise ValueError(
+                "the grounding loss needs a text-conditioned (crossattn) model trained without gradient "
+                "checkpointing (it reads the attention maps of the forward pass); set gradient_checkpointing: "
+                "false or remove the grounding add-on")
+
+    @contextlib.contextmanager
+    def watch(self, module, batch, t: torch.Tensor, drop: list[bool], cond: torch.Tensor):
+        """Record the cross-attention of the forward pass run inside the block; yields a function that returns
+        the loss (None when nothing in the batch is grounded)."""
+        encoder = module.ldm.cond_stage_model
+        captions = batch_value(batch, module.ldm.cond_stage_key)
+        limit = self.max_timestep if self.max_timestep is not None else module.ldm.num_timesteps
+        groups = [[] if drop[i] or int(t[i]) >= limit else grounded_groups(c, encoder.tokenizer, encoder.max_length)
+                  for i, c in enumerate(captions)]
+        targets = GroundingTargets(image_input(batch, module.ldm.first_stage_key), groups, cond.shape[1])
+        recorder = AttentionRecorder(detach=False)
+        with attention_processor(module.ldm.model, recorder, kind="cross"):
+            yield lambda: grounding_loss([calls[-1] for calls in recorder.maps.values()], targets)
