@@ -41,7 +41,7 @@ def build(impl: str, part: str, config: str, device: str, dtype: torch.dtype):
     """The module to time and a function that runs it once."""
     from omegaconf import OmegaConf
 
-    from sdkit.checkpoint_keys import unet_diffusers_config, vae_diffusers_config
+    from sdkit.checkpoints.keys import unet_diffusers_config, vae_diffusers_config
     from sdkit.config import load_config
 
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ def diffusers_pipeline(model, steps: int, guidance: float):
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from omegaconf import OmegaConf
 
-    from sdkit import checkpoint_keys as keys
+    from sdkit.checkpoints import keys
     from sdkit.config import load_config
 
     cfg = load_config("tiny").model.params

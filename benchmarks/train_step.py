@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --config tiny-test --batch 8
     python benchmarks/train_step.py --device cuda --batch 64
 
-Both sides build the same architecture (diffusers' config comes from sdkit.checkpoint_keys.unet_diffusers_config,
+Both sides build the same architecture (diffusers' config comes from sdkit.checkpoints.keys.unet_diffusers_config,
 and sdkit's weights are copied into it), see the same noisy latents, timesteps and text context, and run the
 same loop: forward, ε-MSE loss, backward, AdamW step. sdkit's side goes through LatentDiffusion's training
 objective (q_sample → apply_model → loss), as the Lightning module does. The two are timed alternately in one
@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 def build(config: str, device: str):
     from diffusers import UNet2DConditionModel
 
-    from sdkit.checkpoint_keys import unet_diffusers_config, unet_to_diffusers
+    from sdkit.checkpoints.keys import unet_diffusers_config, unet_to_diffusers
     from sdkit.config import instantiate_from_config, load_config
 
     params = load_config(config).model.params

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdkit import checkpoint_keys as ck
 from sdkit import checkpoints
+from sdkit.checkpoints import keys as ck
+from sdkit.checkpoints import write_diffusers
 from sdkit.checkpoints import (CheckpointError, check_fits, extract_ema, load_model, load_weights, read_checkpoint,
                                save_compvis, save_diffusers)
 from sdkit.config import load_config
@@ -48,7 +49,7 @@ def meta_state(shapes: dict) -> dict:
 
 
 def sd_v1_params():
-    params = ck._as_plain(load_config("sd-v1-inference"))
+    params = ck.as_plain(load_config("sd-v1-inference"))
     return params, params["model"]["params"]["unet_config"]["params"], \
         params["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
 
@@ -149,7 +150,7 @@ def test_unet_map_computes_same_function_as_diffusers(variant):
 
     from sdkit.nn.unet import UNetModel
 
-    params = UNET_VARIANTS[variant] or ck._as_plain(load_config("tiny-test"))["model"]["params"]["unet_config"][
+    params = UNET_VARIANTS[variant] or ck.as_plain(load_config("tiny-test"))["model"]["params"]["unet_config"][
         "params"]
     ours = UNetModel(**params).eval()
     reinit_(ours, seed=3)
@@ -178,7 +179,7 @@ def test_vae_map_computes_same_function_as_diffusers(ddconfig):
     from sdkit.nn.autoencoder import AutoencoderKL
 
     if ddconfig == "tiny-test":
-        dd = ck._as_plain(load_config("tiny-test"))["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
+        dd = ck.as_plain(load_config("tiny-test"))["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
     else:
         dd = VAE_VARIANT
     ours = AutoencoderKL(ddconfig=dd, embed_dim=dd["z_channels"], lossconfig={"target": "torch.nn.Identity"}).eval()
@@ -502,7 +503,7 @@ def test_failed_write_keeps_previous_file(tiny, tmp_path, monkeypatch, suffix):
         import safetensors.torch
         monkeypatch.setattr(safetensors.torch, "save_file", half_write_then_crash)
     else:
-        monkeypatch.setattr(checkpoints.torch, "save", half_write_then_crash)
+        monkeypatch.setattr(torch, "save", half_write_then_crash)
     with pytest.raises(OSError, match="No space"):
         save_compvis({k: v * 2 for k, v in model.state_dict().items()}, path)
     assert _listing(tmp_path) == before  # old file intact, no temporary files left
@@ -514,7 +515,7 @@ def test_failed_folder_write_keeps_previous_folder(tiny, tmp_path, monkeypatch):
     folder = tmp_path / "out"
     save_diffusers(model, folder)
     before = _listing(tmp_path)
-    real_save = checkpoints._save_safetensors
+    real_save = write_diffusers.save_safetensors
     calls = []
 
     def crash_on_second(state, path, metadata=None):
@@ -523,13 +524,13 @@ def test_failed_folder_write_keeps_previous_folder(tiny, tmp_path, monkeypatch):
             raise OSError("disk full")
         real_save(state, path, metadata)
 
-    monkeypatch.setattr(checkpoints, "_save_safetensors", crash_on_second)
+    monkeypatch.setattr(write_diffusers, "save_safetensors", crash_on_second)
     with pytest.raises(OSError, match="disk full"):
         save_diffusers(model, folder)
     assert _listing(tmp_path) == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
-    monkeypatch.setattr(checkpoints, "_save_safetensors", real_save)
+    monkeypatch.setattr(write_diffusers, "save_safetensors", real_save)
     save_diffusers(model, folder)  # replacing an existing diffusers folder works and leaves nothing behind
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

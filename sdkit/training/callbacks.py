@@ -28,7 +28,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from PIL import Image, ImageDraw, ImageFont
 
-from ..checkpoints import CheckpointError, _atomic_file
+from ..atomic import atomic_file
+from ..checkpoints import CheckpointError
 from .common import add_state_dict_prefix
 
 LAST = "last.ckpt"
@@ -64,7 +65,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        with _atomic_file(Path(path)) as tmp:
+        with atomic_file(path) as tmp:
             torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:

@@ -46,12 +46,12 @@ def _stack(cache: dict) -> tuple[list, torch.Tensor | None]:
 
 def save(path: Path, fingerprint_: str, latents: dict, texts: dict) -> None:
     """Write both caches as two stacked tensors (fast to save and load) atomically: a crash keeps the old file."""
-    from ..checkpoints import _atomic_file
+    from ..atomic import atomic_file
 
     latent_keys, latent_values = _stack(latents)
     text_keys, text_values = _stack(texts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(path) as tmp:
+    with atomic_file(path) as tmp:
         torch.save({"format": FORMAT, "fingerprint": fingerprint_, "latent_keys": latent_keys,
                     "latents": latent_values, "text_keys": text_keys, "texts": text_values}, tmp)
 

@@ -43,12 +43,12 @@ _INNER_RENAMES = {
 _VAE_ATTN_LINEARS = {"q", "k", "v", "proj_out"}
 
 
-def _as_plain(cfg):
+def as_plain(cfg):
     """OmegaConf DictConfig / ListConfig (or anything dict-like) -> plain dicts and lists."""
     if hasattr(cfg, "items"):
-        return {k: _as_plain(v) for k, v in cfg.items()}
+        return {k: as_plain(v) for k, v in cfg.items()}
     if isinstance(cfg, (list, tuple)) or type(cfg).__name__ == "ListConfig":
-        return [_as_plain(v) for v in cfg]
+        return [as_plain(v) for v in cfg]
     return cfg
 
 
@@ -88,7 +88,7 @@ def unet_module_map(unet_params: dict) -> list[tuple[str, str, str]]:
 
     ``unet_params`` are the CompVis UNetModel constructor arguments (``unet_config.params``).
     """
-    p = _as_plain(unet_params)
+    p = as_plain(unet_params)
     _check_unet_expressible(p)
     levels = len(p["channel_mult"])
     res_blocks = _per_level(p["num_res_blocks"], levels, "num_res_blocks")
@@ -153,7 +153,7 @@ def unet_diffusers_config(unet_params: dict, sample_size: int | None = None) -> 
     ``sample_size`` is the latent size (LatentDiffusion ``image_size``, 64 for SD v1); the UNet's own
     ``image_size`` is unused in CompVis and is the fallback.
     """
-    p = _as_plain(unet_params)
+    p = as_plain(unet_params)
     _check_unet_expressible(p)
     with_attn = _attn_levels(p)
     heads = _heads_per_level(p)
@@ -268,7 +268,7 @@ def _check_vae_expressible(ddconfig: dict, embed_dim: int | None) -> None:
 
 def vae_module_map(ddconfig: dict) -> list[tuple[str, str, str]]:
     """(CompVis module, diffusers module, kind) for every parameter-owning module of an AutoencoderKL."""
-    dd = _as_plain(ddconfig)
+    dd = as_plain(ddconfig)
     _check_vae_expressible(dd, None)
     levels = len(dd["ch_mult"])
     n_blocks = dd["num_res_blocks"]
@@ -310,7 +310,7 @@ def vae_module_map(ddconfig: dict) -> list[tuple[str, str, str]]:
 def vae_diffusers_config(ddconfig: dict, embed_dim: int | None = None, scale_factor: float = 0.18215,
                          sample_size: int | None = None) -> dict:
     """config.json for diffusers' AutoencoderKL equivalent to a CompVis AutoencoderKL (ddconfig + embed_dim)."""
-    dd = _as_plain(ddconfig)
+    dd = as_plain(ddconfig)
     _check_vae_expressible(dd, embed_dim)
     attn_at = set(dd.get("attn_resolutions", []))
     levels = len(dd["ch_mult"])
