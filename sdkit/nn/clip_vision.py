@@ -1,10 +1,11 @@
 """CLIP ViT vision tower, the image half of the SD v1 safety checker (CLIP ViT-L/14 by default).
 
-Written out here, not taken from transformers, for the same reason as the text tower in `text.py`: the
-checkpoint keys are the contract. The official safety-checker weights were saved with transformers 4.x, where
-`CLIPVisionModel` wraps a `CLIPVisionTransformer` under `.vision_model`, so the keys read
-`vision_model.vision_model.embeddings.patch_embedding.weight`. transformers 5 dropped that inner level
-(`vision_model.embeddings...`). `CLIPVisionModel` here keeps the 4.x layout and also loads the 5.x one.
+Written out here, not taken from transformers, for the same reason as the text tower in `text.py` (the layer
+stack both towers share is `clip_transformer.py`): the checkpoint keys are the contract. The official
+safety-checker weights were saved with transformers 4.x, where `CLIPVisionModel` wraps a `CLIPVisionTransformer`
+under `.vision_model`, so the keys read `vision_model.vision_model.embeddings.patch_embedding.weight`.
+transformers 5 dropped that inner level (`vision_model.embeddings...`). `CLIPVisionModel` here keeps the 4.x
+layout and also loads the 5.x one.
 
     tower = CLIPVisionModel(CLIPVisionConfig())            # ViT-L/14, 224x224 input
     out = tower(pixel_values)                              # pixel_values: CLIP-normalised [B, 3, 224, 224]
@@ -19,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .text import CLIPEncoder
+from .clip_transformer import CLIPEncoder
 
 
 @dataclasses.dataclass
@@ -103,9 +104,7 @@ class CLIPVisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> CLIPVisionOutput:
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        for layer in self.encoder.layers:
-            x = layer(x)
+        x = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
         return CLIPVisionOutput(x, self.post_layernorm(x[:, 0]))
 
 
