@@ -298,6 +298,54 @@ def _plain_context_dim(context_dim):
     return dims[0] if len(set(dims)) == 1 else dims
 
 
+def _check_attention_options(use_spatial_transformer, context_dim, num_heads, num_head_channels) -> None:
+    if use_spatial_transformer and context_dim is None:
+        raise ValueError(
+            "use_spatial_transformer=True needs context_dim, the width of the conditioning vectors "
+            "(768 for SD v1's CLIP text encoder)."
+        )
+    if context_dim is not None and not use_spatial_transformer:
+        raise ValueError(
+            f"context_dim={context_dim} is set but use_spatial_transformer=False: cross-attention conditioning "
+            "lives in the spatial transformer. Set use_spatial_transformer=True, or drop context_dim."
+        )
+    if num_heads == -1 and num_head_channels == -1:
+        raise ValueError("Set num_heads or num_head_channels (both are -1): the attention layers need one of them.")
+
+
+class _BlockMaker:
+    """Builds the UNet's blocks with the options they share (ResBlocks, attention, resampling)."""
+
+    def __init__(self, unet: "UNetModel", time_embed_dim, dims, use_scale_shift_norm, transformer_depth,
+                 use_new_attention_order, resblock_updown):
+        self.unet, self.time_embed_dim, self.dims = unet, time_embed_dim, dims
+        self.use_scale_shift_norm, self.transformer_depth = use_scale_shift_norm, transformer_depth
+        self.use_new_attention_order, self.resblock_updown = use_new_attention_order, resblock_updown
+
+    def res(self, channels, out_channels, up=False, down=False):
+        u = self.unet
+        return ResBlock(channels, self.time_embed_dim, u.dropout, out_channels=out_channels, dims=self.dims,
+                        use_checkpoint=u.use_checkpoint, use_scale_shift_norm=self.use_scale_shift_norm, up=up,
+                        down=down)
+
+    def attention(self, channels, attention_block_heads):
+        u = self.unet
+        heads, dim_head = u.attention_heads(channels)
+        if u.use_spatial_transformer:
+            return SpatialTransformer(channels, heads, dim_head, depth=self.transformer_depth,
+                                      context_dim=u.context_dim, checkpoint=u.use_checkpoint)
+        return AttentionBlock(channels, use_checkpoint=u.use_checkpoint, num_heads=attention_block_heads,
+                              num_head_channels=dim_head, use_new_attention_order=self.use_new_attention_order)
+
+    def down(self, ch):
+        if self.resblock_updown:
+            return self.res(ch, ch, down=True)
+        return Downsample(ch, self.unet.conv_resample, self.dims, ch)
+
+    def up(self, ch):
+        return self.res(ch, ch, up=True) if self.resblock_updown else Upsample(ch, self.unet.conv_resample, self.dims, ch)
+
+
 class UNetModel(nn.Module):
     """The full UNet with timestep embedding, attention and optional cross-attention conditioning.
 
@@ -342,18 +390,7 @@ class UNetModel(nn.Module):
         super().__init__()
         _check_dims(dims)
         context_dim = _plain_context_dim(context_dim)
-        if use_spatial_transformer and context_dim is None:
-            raise ValueError(
-                "use_spatial_transformer=True needs context_dim, the width of the conditioning vectors "
-                "(768 for SD v1's CLIP text encoder)."
-            )
-        if context_dim is not None and not use_spatial_transformer:
-            raise ValueError(
-                f"context_dim={context_dim} is set but use_spatial_transformer=False: cross-attention conditioning "
-                "lives in the spatial transformer. Set use_spatial_transformer=True, or drop context_dim."
-            )
-        if num_heads == -1 and num_head_channels == -1:
-            raise ValueError("Set num_heads or num_head_channels (both are -1): the attention layers need one of them.")
+        _check_attention_options(use_spatial_transformer, context_dim, num_heads, num_head_channels)
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
 
@@ -361,10 +398,10 @@ class UNetModel(nn.Module):
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks = int(num_res_blocks)
-        self.attention_resolutions = attention_resolutions = [int(r) for r in attention_resolutions]
+        self.num_res_blocks = int(num_res_blocks)
+        self.attention_resolutions = [int(r) for r in attention_resolutions]
         self.dropout = dropout
-        self.channel_mult = channel_mult = tuple(int(m) for m in channel_mult)
+        self.channel_mult = tuple(int(m) for m in channel_mult)
         self.conv_resample = conv_resample
         self.num_classes = num_classes
         self.use_checkpoint = use_checkpoint
@@ -383,72 +420,61 @@ class UNetModel(nn.Module):
         )
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
-
-        def res_block(channels, out_channels, up=False, down=False):
-            return ResBlock(
-                channels, time_embed_dim, dropout, out_channels=out_channels, dims=dims,
-                use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, up=up, down=down,
-            )
-
-        def attention(channels, attention_block_heads):
-            heads, dim_head = self.attention_heads(channels)
-            if use_spatial_transformer:
-                return SpatialTransformer(
-                    channels, heads, dim_head, depth=transformer_depth, context_dim=context_dim,
-                    checkpoint=use_checkpoint,
-                )
-            return AttentionBlock(
-                channels, use_checkpoint=use_checkpoint, num_heads=attention_block_heads,
-                num_head_channels=dim_head, use_new_attention_order=use_new_attention_order,
-            )
-
-        # Encoder: conv_in, then per level num_res_blocks ResBlocks (+ attention), then a downsample.
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
-        )
-        self._feature_size = model_channels
-        input_block_chans = [model_channels]
-        ch, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res_block(ch, mult * model_channels)]
-                ch = mult * model_channels
-                if ds in attention_resolutions:
-                    layers.append(attention(ch, num_heads))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self._feature_size += ch
-                input_block_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims, ch)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                input_block_chans.append(ch)
-                ds *= 2
-                self._feature_size += ch
-
-        self.middle_block = TimestepEmbedSequential(res_block(ch, None), attention(ch, num_heads), res_block(ch, None))
+        blocks = _BlockMaker(self, time_embed_dim, dims, use_scale_shift_norm, transformer_depth,
+                             use_new_attention_order, resblock_updown)
+        skip_channels, ch = self._build_encoder(blocks)
+        self.middle_block = TimestepEmbedSequential(blocks.res(ch, None), blocks.attention(ch, num_heads),
+                                                    blocks.res(ch, None))
         self._feature_size += ch
-
-        # Decoder: each ResBlock takes the previous output concatenated with the matching encoder output.
-        self.output_blocks = nn.ModuleList([])
-        for level, mult in list(enumerate(channel_mult))[::-1]:
-            for i in range(num_res_blocks + 1):
-                skip_ch = input_block_chans.pop()
-                layers = [res_block(ch + skip_ch, model_channels * mult)]
-                ch = model_channels * mult
-                if ds in attention_resolutions:
-                    layers.append(attention(ch, num_heads_upsample))
-                if level and i == num_res_blocks:
-                    up = res_block(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims, ch)
-                    layers.append(up)
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-                self._feature_size += ch
-
+        ch = self._build_decoder(blocks, skip_channels, ch)
         self.out = nn.Sequential(
             normalization(ch), NormSiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
         )
         if self.predict_codebook_ids:
             self.id_predictor = nn.Sequential(normalization(ch), nn.Conv2d(model_channels, n_embed, 1))
+
+    def _build_encoder(self, blocks: "_BlockMaker") -> tuple[list[int], int]:
+        """conv_in, then per level num_res_blocks ResBlocks (+ attention), then a downsample. Returns the channels
+        of every encoder output (the skip connections) and the channels at the bottom."""
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(self.in_channels, self.model_channels, 3, padding=1))]
+        )
+        self._feature_size = self.model_channels
+        skip_channels = [self.model_channels]
+        ch, ds = self.model_channels, 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                layers = [blocks.res(ch, mult * self.model_channels)]
+                ch = mult * self.model_channels
+                if ds in self.attention_resolutions:
+                    layers.append(blocks.attention(ch, self.num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                self._feature_size += ch
+                skip_channels.append(ch)
+            if level != len(self.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(blocks.down(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+                self._feature_size += ch
+        return skip_channels, ch
+
+    def _build_decoder(self, blocks: "_BlockMaker", skip_channels: list[int], ch: int) -> int:
+        """Each ResBlock takes the previous output concatenated with the matching encoder output; a level ends
+        with an upsample. Returns the channels of the last block."""
+        self.output_blocks = nn.ModuleList([])
+        ds = 2 ** (len(self.channel_mult) - 1)
+        for level, mult in list(enumerate(self.channel_mult))[::-1]:
+            for i in range(self.num_res_blocks + 1):
+                layers = [blocks.res(ch + skip_channels.pop(), self.model_channels * mult)]
+                ch = self.model_channels * mult
+                if ds in self.attention_resolutions:
+                    layers.append(blocks.attention(ch, self.num_heads_upsample))
+                if level and i == self.num_res_blocks:
+                    layers.append(blocks.up(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+                self._feature_size += ch
+        return ch
 
     def attention_heads(self, channels):
         """(number of heads, width of a head) for an attention layer on `channels` channels, as CompVis derives it.
