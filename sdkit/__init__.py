@@ -1,27 +1,33 @@
 """sdkit: Stable Diffusion v1 rebuilt from its parts.
 
     import sdkit
-    model = sdkit.load_model("sd-v1-inference", "v1-5-pruned-emaonly.safetensors")
+    model = sdkit.load_model("tiny")                        # or ("sd-v1-inference", "v1-5-pruned-emaonly.safetensors")
+    image = sdkit.txt2img(model, "a red circle", guidance_scale=5).images[0]
+    x0 = sdkit.samplers.sample(eps_fn, x_T, model.alphas_cumprod, sampler="dpmpp_2m", steps=20)
 
-Everything keeps the CompVis names, so scripts written against ``ldm`` port by changing imports.
+Everything keeps the CompVis names, so scripts written against ``ldm`` port by changing imports. Names and
+submodules are imported on first use (``dir(sdkit)`` lists them all).
 """
 from .config import bundled_configs, get_obj_from_str, instantiate_from_config, load_config
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    # Heavy submodules are imported on first use, so `import sdkit` stays fast.
-    if name in ("load_model", "load_weights", "save_compvis", "save_diffusers", "read_checkpoint", "check_fits",
-                "CheckpointError"):
-        from . import checkpoints
-        return getattr(checkpoints, name)
-    if name == "LatentDiffusion":
-        from .diffusion import LatentDiffusion
-        return LatentDiffusion
-    raise AttributeError(f"module 'sdkit' has no attribute {name!r}")
-
-
-__all__ = ["bundled_configs", "get_obj_from_str", "instantiate_from_config", "load_config", "load_model",
-           "load_weights", "save_compvis", "save_diffusers", "read_checkpoint", "check_fits", "CheckpointError",
-           "LatentDiffusion"]
+_EXPORTS = {
+    # loading and saving weights
+    "load_model": "checkpoints", "load_weights": "checkpoints", "save_compvis": "checkpoints",
+    "save_diffusers": "checkpoints", "read_checkpoint": "checkpoints", "check_fits": "checkpoints",
+    "CheckpointError": "checkpoints",
+    # the model
+    "LatentDiffusion": "diffusion",
+    # the verbs
+    "txt2img": "pipelines", "img2img": "pipelines", "inpaint": "pipelines", "outpaint": "pipelines",
+    "upscale": "pipelines", "latent_preview": "pipelines", "PipelineResult": "pipelines",
+    # sampling on any ε-function
+    "sample": "samplers", "SAMPLERS": "samplers", "denoiser": "samplers",
+    # the submodules people reach for
+    **{name: "" for name in ("nn", "samplers", "pipelines", "schedules", "data", "training", "safety", "watermark",
+                              "widgets", "checkpoints", "diffusion")},
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__all__ = ["bundled_configs", "get_obj_from_str", "instantiate_from_config", "load_config", *_EXPORTS]

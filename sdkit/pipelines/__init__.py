@@ -13,7 +13,7 @@ into pictures), a tqdm progress bar (``progress=False`` hides it), and optional 
 and ``watermark`` (a payload for ``sdkit.watermark``). Each returns a :class:`PipelineResult` (``.images``,
 ``.latents``, ``.seeds``, ``.nsfw``). Masks mean 1 (white) = repaint, everywhere.
 """
-import importlib
+from ..lazy import lazy_exports
 
 # name -> submodule (named apart from the functions, so neither hides the other); imported on first use, so
 # `sdkit --help` does not load torch
@@ -24,14 +24,5 @@ _EXPORTS = {"txt2img": "text_to_image", "img2img": "image_to_image", "inpaint": 
             "DEFAULT_SAMPLER": "plan", "DEFAULT_STEPS": "plan"}
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 __all__ = sorted(_EXPORTS)

@@ -7,7 +7,7 @@ Names are imported on first use, so ``sdkit --help`` does not pay for importing 
 """
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "DataModule": "datamodule", "ResumableBatchSampler": "datamodule", "ShardedIterable": "datamodule",
@@ -16,10 +16,5 @@ _EXPORTS = {
     "ImageLogger": "callbacks", "PerformanceMonitor": "callbacks", "ResilientCheckpointing": "callbacks",
     "AtomicCheckpointIO": "callbacks",
 }
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'sdkit.training' has no attribute {name!r}")
