@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..samplers import SAMPLERS, noise_levels, sample, sampler_options
+from ..samplers import SAMPLERS, check_options, noise_levels, sample, sampler_options
 from ..samplers.denoisers import denoiser
 from .decoding import decode
 from .result import PipelineResult, finish
@@ -71,13 +71,7 @@ def sampler_kwargs(sampler: str, spacing: str = "compvis", karras: bool = False,
     for name, value, default in (("spacing", spacing, "compvis"), ("karras", karras, False), ("eta", eta, 0.0)):
         if name in accepted or value != default:
             options[name] = value
-    if "eta" in options and "eta" not in accepted:
-        raise ValueError(f"sampler {sampler!r} has no eta option (got eta={eta}); the samplers with eta are: "
-                         f"{', '.join(n for n in SAMPLERS if 'eta' in sampler_options(n))}")
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"sampler {sampler!r} does not take option(s) {unknown}; it takes: {', '.join(accepted)}")
-    return options
+    return check_options(sampler, options)
 
 
 def resolve_seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:

@@ -32,6 +32,7 @@ CompVis-style classes for LatentDiffusion models: :class:`DDIMSampler`, :class:`
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 
 import torch
@@ -103,6 +104,29 @@ def sampler_options(sampler: str) -> list[str]:
     return [p.name for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
 
 
+def check_options(sampler: str, options: dict) -> dict:
+    """``options`` checked against what ``sampler`` takes, before any work: ``eta=0`` is dropped for samplers
+    without noise (it means "deterministic" there too); anything else the sampler does not take is refused with
+    the list of what it does take."""
+    accepted, options = sampler_options(sampler), dict(options)
+    if "eta" in options:
+        eta = options["eta"]
+        limit = 1.0 if sampler == "ddim" else math.inf   # DDIM's noise cannot exceed the posterior's (eta 1)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= limit:
+            raise ValueError(f"eta must be a number ≥ 0{' and ≤ 1' if limit == 1.0 else ''} (0 = deterministic), "
+                             f"got {eta!r}")
+        if "eta" not in accepted:
+            if eta:
+                with_eta = ", ".join(n for n in SAMPLERS if "eta" in sampler_options(n))
+                raise ValueError(f"sampler {sampler!r} has no eta option (got eta={eta}); the samplers with eta "
+                                 f"are: {with_eta}")
+            options.pop("eta")
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"sampler {sampler!r} does not take option(s) {unknown}; it takes: {', '.join(accepted)}")
+    return options
+
+
 def _lookup(sampler: str):
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
@@ -117,18 +141,10 @@ def sample(eps_fn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str
     if "disable_progress" in options:  # the name before progress= was the one switch everywhere
         warnings.warn("disable_progress is deprecated; pass progress=False", DeprecationWarning, stacklevel=2)
         options["progress"] = not options.pop("disable_progress")
-    accepted = sampler_options(sampler)
-    if "eta" in options and "eta" not in accepted:
-        if options["eta"]:
-            raise ValueError(f"sampler {sampler!r} has no eta option (got eta={options['eta']}); "
-                             "the samplers with eta are: ddim, euler_a, dpmpp_2m_sde")
-        options.pop("eta")
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"sampler {sampler!r} does not take option(s) {unknown}; it takes: {', '.join(accepted)}")
+    options = check_options(sampler, options)
     with torch.no_grad():
         return fn(eps_fn, x_T, alphas_cumprod, steps, **options)
 
 
-__all__ = ["sample", "SAMPLERS", "sampler_options", "noise_levels", "cfg_eps_fn", "denoiser", "DDIMSampler", "PLMSSampler",
-           "DPMSolverSampler", "sample_dpm_multistep"]
+__all__ = ["sample", "SAMPLERS", "sampler_options", "check_options", "noise_levels", "cfg_eps_fn", "denoiser",
+           "DDIMSampler", "PLMSSampler", "DPMSolverSampler", "sample_dpm_multistep"]
