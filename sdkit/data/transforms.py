@@ -11,7 +11,6 @@ import io
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image

@@ -212,9 +212,11 @@ class SpatialTransformer(nn.Module):
 
 
 class SpatialSelfAttention(nn.Module):
-    """Single-head self-attention over pixels with 1x1-conv projections (scale C^-0.5), plus the input."""
+    """Single-head self-attention over all H·W positions, with 1x1 convs for q, k, v and the output projection,
+    and a residual connection. Scale C^-0.5 (the default of scaled_dot_product_attention). The autoencoder's
+    ``AttnBlock`` is this layer under its CompVis name."""
 
-    def __init__(self, in_channels):
+    def __init__(self, in_channels: int):
         super().__init__()
         self.in_channels = in_channels
         self.norm = Normalize(in_channels)
@@ -223,13 +225,16 @@ class SpatialSelfAttention(nn.Module):
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
         self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
 
-    def forward(self, x):
-        h_ = self.norm(x)
-        b, c, h, w = x.shape
-        q, k, v = (layer(h_).flatten(2).transpose(1, 2) for layer in (self.q, self.k, self.v))  # b (h w) c
-        out = F.scaled_dot_product_attention(q, k, v, scale=int(c) ** -0.5)
-        out = out.transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        b, c, height, width = x.shape
+        # (B, C, H, W) -> (B, 1 head, H·W tokens, C), contiguous: with channels strided, CPU attention falls back
+        # to the kernel that materialises the (H·W)² weight matrix
+        q, k, v = (t.reshape(b, 1, c, height * width).transpose(2, 3).contiguous()
+                   for t in (self.q(h), self.k(h), self.v(h)))
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = h.transpose(2, 3).reshape(b, c, height, width)
+        return x + self.proj_out(h)
 
 
 class LinearAttention(nn.Module):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # LinAttnBlock (attn_type="linear") is the bare LinearAttention with one wide head: no norm, no residual, as in CompVis.
-from sdkit.nn.attention import LinAttnBlock
+from sdkit.nn.attention import LinAttnBlock, SpatialSelfAttention
 from sdkit.nn.distributions import DiagonalGaussianDistribution
 from sdkit.nn.quantize import VectorQuantizer
 
@@ -105,29 +105,8 @@ class ResnetBlock(nn.Module):
         return h.add_(x)  # h is conv2's fresh output, and conv backward does not need it
 
 
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all H·W positions, with 1x1 convs for q, k, v and the output projection,
-    and a residual connection. Scale C^-0.5 (the default of scaled_dot_product_attention)."""
-
-    def __init__(self, in_channels: int):
-        super().__init__()
-        self.in_channels = in_channels
-        self.norm = Normalize(in_channels)
-        self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-        self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-        self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-        self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)
-        b, c, height, width = x.shape
-        # (B, C, H, W) -> (B, 1 head, H·W tokens, C), contiguous: with channels strided, CPU attention falls back
-        # to the kernel that materialises the (H·W)² weight matrix
-        q, k, v = (t.reshape(b, 1, c, height * width).transpose(2, 3).contiguous()
-                   for t in (self.q(h), self.k(h), self.v(h)))
-        h = F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(2, 3).reshape(b, c, height, width)
-        return x + self.proj_out(h)
+class AttnBlock(SpatialSelfAttention):
+    """The autoencoder's single-head self-attention over all H·W positions (CompVis' name for it here)."""
 
 
 ATTN_TYPES = ("vanilla", "linear", "none")

@@ -343,7 +343,9 @@ class _BlockMaker:
         return Downsample(ch, self.unet.conv_resample, self.dims, ch)
 
     def up(self, ch):
-        return self.res(ch, ch, up=True) if self.resblock_updown else Upsample(ch, self.unet.conv_resample, self.dims, ch)
+        if self.resblock_updown:
+            return self.res(ch, ch, up=True)
+        return Upsample(ch, self.unet.conv_resample, self.dims, ch)
 
 
 class UNetModel(nn.Module):

@@ -1,4 +1,4 @@
-"""Live previews of the current x̂₀ latent (what the pipelines' ``callback(step, total, x, x0_pred)`` receives as ``x0_pred``).
+"""Live previews of the current x̂₀ latent (``x0_pred`` of the pipelines' ``callback(step, total, x, x0_pred)``).
 
 Two ways:
 

@@ -32,8 +32,8 @@ def sample_ddim(eps_fn, x_T, alphas_cumprod, steps=50, *, eta=0.0, spacing="comp
     """DDIM; ``eta=0`` is deterministic, ``eta=1`` is DDPM-like ancestral sampling.
 
     ``timesteps`` overrides ``spacing`` with explicit integer timesteps. ``mask``/``known``: repaint where ``mask``
-    is 1 and keep the latent ``known`` elsewhere, noised to each step's level (CompVis inpainting). ``temperature``/``noise_dropout`` scale/drop the
-    added noise (CompVis options). ``x0_fn`` post-processes x̂₀ (e.g. VQ quantisation).
+    is 1 and keep the latent ``known`` elsewhere, noised to each step's level (CompVis inpainting).
+    ``temperature``/``noise_dropout`` scale/drop the added noise (CompVis options). ``x0_fn`` post-processes x̂₀ (e.g. VQ quantisation).
     ``final_alpha_cumprod``: ᾱ the last step goes to (default ᾱ₀, as CompVis; 1.0 for the clean sample).
     ``start_step``: skip the first grid steps (img2img); x_T is then the VP sample at ᾱ of ts[start_step].
     """
