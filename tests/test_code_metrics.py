@@ -72,6 +72,11 @@ def package(tmp_path):
             from pkg.sub.c import _helper
             from ..a import f
             import pkg.sub as sub
+            from . import c
+
+
+            def borrow():
+                return c._helper() + sub._private + c.public()
 
 
             class Sampler:
@@ -119,6 +124,12 @@ def test_private_names_imported_from_another_module(package):
     private = metrics.private_imports(metrics.imports(metrics.read_tree(package)))
     assert sorted((imp.importer, imp.target, name) for imp, name in private) == [
         ("pkg.sub", "pkg.sub.c", "_helper"), ("pkg.sub.d", "pkg.sub.c", "_helper")]
+
+
+def test_private_names_read_as_another_module_s_attribute(package):
+    uses = metrics.private_attributes(metrics.read_tree(package))
+    assert sorted((u.importer, u.target, u.names) for u in uses) == [
+        ("pkg.sub.d", "pkg.sub", ("_private",)), ("pkg.sub.d", "pkg.sub.c", ("_helper",))]
 
 
 def test_guidance_formula_is_found_in_both_orders_and_told_from_a_lerp(package):

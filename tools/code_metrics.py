@@ -5,7 +5,8 @@
 Prints (a) the longest functions and (b) the longest files, in lines of code (docstrings, blank lines and
 comment-only lines do not count); (c) import cycles between the package's modules, module-level and
 function-level imports alike; (d) private names (`_name`, not dunders) imported from another module of the
-package; (e) the functions that write the classifier-free guidance formula `u + s * (c - u)`.
+package, or read as its attribute (`keys._name`); (e) the functions that write the classifier-free guidance
+formula `u + s * (c - u)`.
 
 Exits 0, so it can be read as a report; with --check it exits 1 when a limit is broken: a function over
 80 lines of code, a file over 500, a module cycle, a private cross-import, or the guidance formula written in
@@ -230,10 +231,34 @@ def import_cycles(files: list[SourceFile], found: list[Import]) -> tuple[list[li
     return real, through_init
 
 
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 def private_imports(found: list[Import]) -> list[tuple[Import, str]]:
     """`from other_module import _name`: a name its module kept to itself, borrowed by another one."""
-    return [(imp, name) for imp in found if imp.target != imp.importer for name in imp.names
-            if name.startswith("_") and not (name.startswith("__") and name.endswith("__"))]
+    return [(imp, name) for imp in found if imp.target != imp.importer for name in imp.names if is_private(name)]
+
+
+def private_attributes(files: list[SourceFile]) -> list[Import]:
+    """`keys._name` where `keys` is another package module bound by `from . import keys` or `import x.y as keys`:
+    the same borrowing as a private import, written as an attribute."""
+    modules = {f.module for f in files}
+    found = []
+    for file in files:
+        bound = {}  # local name -> package module, wherever in the file it is bound
+        for node in ast.walk(file.tree):
+            if isinstance(node, ast.Import):
+                bound.update({a.asname: a.name for a in node.names if a.asname and a.name in modules})
+            elif isinstance(node, ast.ImportFrom):
+                base = resolve_base(file, node)
+                bound.update({a.asname or a.name: f"{base}.{a.name}" for a in node.names
+                              if f"{base}.{a.name}" in modules})
+        for node in ast.walk(file.tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and is_private(node.attr)
+                    and bound.get(node.value.id, file.module) != file.module):
+                found.append(Import(file.module, bound[node.value.id], (node.attr,), node.lineno))
+    return sorted(found, key=lambda use: (use.importer, use.lineno))
 
 
 # --- (e) classifier-free guidance -----------------------------------------------------------------------
@@ -286,7 +311,7 @@ def report(root: str, top: int = 5, out=sys.stdout) -> list[str]:
     funcs = functions(files)
     found = imports(files)
     real, through_init = import_cycles(files, found)
-    private = private_imports(found)
+    private = private_imports(found) + [(use, use.names[0]) for use in private_attributes(files)]
     guidance, lerps = interpolations(files)
     p = lambda *a: print(*a, file=out)  # noqa: E731
 
@@ -313,7 +338,7 @@ def report(root: str, top: int = 5, out=sys.stdout) -> list[str]:
     for c in through_init:
         p("    " + " <-> ".join(c))
 
-    p(f"\n(d) private names imported across modules: {len(private)}")
+    p(f"\n(d) private names imported across modules (or used as another module's attribute): {len(private)}")
     for imp, name in private:
         p(f"    {name}: {imp.target} -> {imp.importer} (line {imp.lineno})")
 
