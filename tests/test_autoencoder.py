@@ -189,12 +189,16 @@ def test_small_vqmodel_matches_diffusers():
     iface.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(iface.encode(image), h)
-        assert max_rel_diff(iface.decode(h), dec) <= 1e-6
+        assert max_rel_diff(iface.decode(h), dec) <= 576 * 2.0 ** -24   # same computation; bound as below
         unquantized_ref = twin.decode(h_ref, force_not_quantize=True).sample
         assert max_rel_diff(iface.decode(h, force_not_quantize=True), unquantized_ref) <= 1e-4
-        # decode_code: indices shaped (B, h, w) decode like their quantised latent
+        # decode_code: indices shaped (B, h, w) decode like their quantised latent. The forward pass feeds the
+        # decoder z + (z_q − z) (the straight-through estimator), which rounds once away from the codebook vector
+        # z_q (relative error u = 2^-24); the decoder's sums then reorder differently on other SIMD paths. A bound
+        # of one float32 reduction over K = 3·3·64 = 576 terms, K·u = 3.4e-5, covers both on any x86-64 CPU
+        # (seen: 0.5e-6 on one machine, 1.7e-6 on another).
         codes = indices.reshape(2, 16, 16)
-        assert max_rel_diff(model.decode_code(codes), dec) <= 1e-6
+        assert max_rel_diff(model.decode_code(codes), dec) <= 576 * 2.0 ** -24
 
 
 # ---------------------------------------------------------------------------------------------------------------

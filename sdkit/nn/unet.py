@@ -88,11 +88,6 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
         return x
 
 
-def _check_channels(layer_name, expected, x):
-    if x.shape[1] != expected:
-        raise ValueError(f"{layer_name} expects {expected} channels, got an input of shape {tuple(x.shape)}.")
-
-
 class Upsample(nn.Module):
     """Nearest-neighbour x2 upsampling, then (with `use_conv`) a 3x3 conv named `conv`."""
 
@@ -107,7 +102,6 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(self.channels, self.out_channels, 3, padding=padding)
 
     def forward(self, x):
-        _check_channels("Upsample", self.channels, x)
         x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
@@ -132,7 +126,6 @@ class Downsample(nn.Module):
             self.op = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x):
-        _check_channels("Downsample", self.channels, x)
         return self.op(x)
 
 
