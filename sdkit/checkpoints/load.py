@@ -90,6 +90,9 @@ def load_model(config: Any, ckpt: str | os.PathLike | dict | None = None, *, use
         meta = load_weights(model, ckpt, use_ema=use_ema, strict=strict, unsafe_pickle=unsafe_pickle,
                             config_name=_config_name(config))
         model.checkpoint_meta = meta
+        if isinstance(ckpt, (str, os.PathLike)):
+            model.checkpoint_path = str(ckpt)     # named and hashed in the PNGs' parameters (pipelines.metadata)
+    model.config_name = Path(config).stem if isinstance(config, (str, os.PathLike)) else None
     model.eval()
     model.to(device)
     if dtype is not None:

@@ -60,6 +60,6 @@ def img2img(model, init_image, prompt: str | Sequence[str], *, strength: float =
         inits.append(z0)
         pixels.append(plan.decode(z)[..., :height, :width])                                # decode, crop
     h, w = height // f, width // f
-    result = plan.result(pixels, latents, inits)                                           # 4. finish
+    result = plan.result(pixels, latents, inits, verb="img2img", strength=strength)      # 4. finish
     result.latents, result.init_latents = result.latents[..., :h, :w], result.init_latents[..., :h, :w]
     return result

@@ -107,7 +107,8 @@ def inpaint(model, image, mask, prompt: str | Sequence[str], *, strength: float 
         soft = m.to(pixels.device)                                                         # original, finish
         pixels = x.to(pixels.device) * (1.0 - soft) + pixels.clamp(-1, 1) * soft
     h, w = height // f, width // f
-    result = plan.result([pixels[..., :height, :width]], latents, inits)
+    result = plan.result([pixels[..., :height, :width]], latents, inits, verb="inpaint", strength=strength,
+                         mask_blur=mask_blur)
     result.latents, result.init_latents = result.latents[..., :h, :w], result.init_latents[..., :h, :w]
     return result
 

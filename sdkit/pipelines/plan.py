@@ -220,10 +220,24 @@ class Plan:
         return decode(self.model, z, self.decode_tile, overlap)
 
     def result(self, pixels: list[torch.Tensor], latents: list[torch.Tensor],
-               init_latents: list[torch.Tensor] | None = None) -> PipelineResult:
+               init_latents: list[torch.Tensor] | None = None, **extra) -> PipelineResult:
+        """Finish (safety check, watermark, PIL) and record what made each image (``extra``: the verb's own
+        settings, e.g. strength)."""
         images, nsfw, safety = finish(torch.cat(pixels), self.safety_checker, self.watermark)
         return PipelineResult(images, torch.cat(latents), self.seeds, nsfw,
-                              None if init_latents is None else torch.cat(init_latents), safety)
+                              None if init_latents is None else torch.cat(init_latents), safety,
+                              self.parameters(images, **extra))
+
+    def parameters(self, images, **extra) -> list[dict]:
+        from .metadata import model_identity
+        guided = self.guidance_scale != 1.0 and self.prompts is not None
+        common = {"sampler": self.sampler, "steps": self.steps, "guidance_scale": self.guidance_scale,
+                  "karras": bool(self.options.get("karras", False)), "eta": self.options.get("eta", 0.0),
+                  "spacing": self.options.get("spacing"), **model_identity(self.model), **extra}
+        return [{"prompt": None if self.prompts is None else self.prompts[i],
+                 "negative_prompt": self.negatives[i] if guided else "", "seed": seed,
+                 "width": image.width, "height": image.height, **common}
+                for i, (seed, image) in enumerate(zip(self.seeds, images))]
 
 
 def prepare(model, prompt: str | Sequence[str] | None, negative_prompt: str | Sequence[str] = "",

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
+from ..atomic import atomic_file
 from .images import to_pil
 
 
@@ -19,6 +22,8 @@ class PipelineResult:
     seeds: the seed of each image. nsfw: the safety checker's flag per image (all False when it is off).
     init_latents: the encoded input image(s) [B, C, h, w] the sampler started from (img2img, inpainting).
     safety: the checker's full ``SafetyResult`` (None when it is off).
+    parameters: per image, what made it (prompt, negative prompt, sampler, steps, guidance, seed, size, model);
+    :meth:`save` writes it into each PNG (``sdkit.pipelines.metadata``).
     """
 
     images: list[Image.Image]
@@ -27,9 +32,32 @@ class PipelineResult:
     nsfw: list[bool]
     init_latents: torch.Tensor | None = None
     safety: Any = None
+    parameters: list[dict] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def save(self, folder: str | os.PathLike, name: str = "{index:05d}-{seed}.png") -> list[Path]:
+        """Write every image as a PNG into ``folder`` (atomically: a temporary file, then a rename), with the
+        A1111 "parameters" chunk, sdkit's record and the watermark record. ``name`` is formatted with ``index``
+        and ``seed``; an existing file is never overwritten (FileExistsError, before anything is written)."""
+        from .metadata import png_text
+
+        folder = Path(folder)
+        paths = [folder / name.format(index=i, seed=seed) for i, seed in enumerate(self.seeds)]
+        taken = [str(p) for p in paths if p.exists()]
+        if taken or len(set(paths)) < len(paths):
+            raise FileExistsError(f"would overwrite {taken or 'its own files'}: choose another folder or a name "
+                                  "pattern with {index} (e.g. 'img-{index:03d}.png')")
+        for i, (image, path) in enumerate(zip(self.images, paths)):
+            info = PngImagePlugin.PngInfo()
+            texts = dict(png_text(self.parameters[i])) if self.parameters else {}
+            texts.update({k: v for k, v in image.info.items() if isinstance(v, str)})   # e.g. the watermark record
+            for key, value in texts.items():
+                info.add_text(key, value)
+            with atomic_file(path) as tmp:
+                image.save(tmp, format="PNG", pnginfo=info)
+        return paths
 
 
 def finish(pixels: torch.Tensor, safety_checker=None, watermark: str | None = None):

@@ -50,4 +50,4 @@ def txt2img(model, prompt: str | Sequence[str], *, negative_prompt: str | Sequen
         z = plan.sample(batch, start)[..., :h, :w]                                         # denoise, crop,
         latents.append(z)
         pixels.append(plan.decode(z))                                                      # decode
-    return plan.result(pixels, latents)                                                    # 4. finish
+    return plan.result(pixels, latents, verb="txt2img")                                    # 4. finish

@@ -53,4 +53,4 @@ def upscale(model, low_res_image, prompt: str | None = None, *, num_images: int 
         z = z[..., :height, :width]
         latents.append(z)
         pixels.append(plan.decode(z, overlap))                                             # decode (tiled)
-    return plan.result(pixels, latents)                                                    # 4. finish
+    return plan.result(pixels, latents, verb="upscale")                                    # 4. finish
