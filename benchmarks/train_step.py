@@ -1,6 +1,6 @@
 """One training step of the small text-to-image UNet: sdkit vs the same loop on diffusers' UNet2DConditionModel.
 
-    python benchmarks/train_step.py                          # train-tiny-t2i UNet, batch 32, CPU fp32
+    python benchmarks/train_step.py                          # tiny t2i recipe (stage 1) UNet, batch 32, CPU fp32
     python benchmarks/train_step.py --config tiny-test --batch 8
     python benchmarks/train_step.py --device cuda --batch 64
 
@@ -49,7 +49,7 @@ def build(config: str, device: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="sdkit/configs/train-tiny-t2i.yaml")
+    parser.add_argument("--config", default="sdkit/configs/recipes/tiny-t2i/stage1.yaml")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)

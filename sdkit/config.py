@@ -68,8 +68,10 @@ def instantiate_from_config(config: Any, **extra: Any) -> Any:
 
 
 def bundled_configs() -> list[str]:
-    """Names accepted by ``load_config`` / ``load_model`` without a path."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """Names accepted by ``load_config`` / ``load_model`` without a path: the inference and training configs
+    (``"tiny"``), then the stages of model recipes by their folder (``"recipes/tiny-t2i/stage1"``)."""
+    names = [p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.yaml")]
+    return sorted(names, key=lambda name: (name.count("/"), name))
 
 
 def load_config(name_or_path: str | Path | dict | DictConfig, overrides: Iterable[str] = ()) -> DictConfig:

@@ -1,7 +1,7 @@
 """Pack what `sdkit train` needs on a lent GPU machine that has PyTorch, Lightning and transformers but no network,
 no emoji art packages, no MiniLM package and no `datasets`, into one folder under 64 MiB:
 
-    python tools/device_pack.py .devpack --config sdkit/configs/train-tiny-t2i-gpu.yaml
+    python tools/device_pack.py .devpack --config sdkit/configs/recipes/tiny-t2i/gpu.yaml
 
 - minilm/: all-MiniLM-L6-v2 as float16, xz-compressed, with every word-embedding row that no caption of the
   config's datasets (nor the held-out prompts) uses set to zero, so it compresses to a fraction. The kept rows

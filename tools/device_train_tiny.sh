@@ -2,7 +2,8 @@
 # Train the tiny text-to-image model from scratch on a lent GPU machine (see tools/device_pack.py), for
 # $1 of wall time (Lightning max_time, default 00:00:07:00), then bring back the EMA weights as float16
 # CompVis shards under 16 MiB each, the metrics and the log:
-#   python tools/device_pack.py .devpack --config sdkit/configs/train-tiny-t2i.yaml sdkit/configs/train-tiny-t2i-gpu.yaml
+#   python tools/device_pack.py .devpack \
+#       --config sdkit/configs/recipes/tiny-t2i/stage1.yaml sdkit/configs/recipes/tiny-t2i/gpu.yaml
 #   (device) bash tools/device_train_tiny.sh 00:00:07:00
 # Rejoin here: python tools/device_train_tiny_join.py <files_at> data/tiny.safetensors
 set -euo pipefail
@@ -11,7 +12,8 @@ bash .devpack/unpack.sh
 source /tmp/devenv.sh
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-python3 -m sdkit.cli train -b sdkit/configs/train-tiny-t2i.yaml sdkit/configs/train-tiny-t2i-gpu.yaml \
+R=sdkit/configs/recipes/tiny-t2i
+python3 -m sdkit.cli train -b $R/stage1.yaml $R/gpu.yaml \
     --name tiny-t2i-gpu model.training.first_stage_ckpt=data/tiny-autoencoder.safetensors \
     "lightning.trainer.max_time=\"${1:-00:00:07:00}\"" "${@:2}" 2>&1 | tee "$OUT/train.log" | grep -v "it/s\]$" || true
 run=$(ls -d logs/*tiny-t2i-gpu | tail -1)

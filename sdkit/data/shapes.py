@@ -227,8 +227,12 @@ def render(scene: Scene | str, size: int = 64, seed: int = 0,
 
 
 # ----------------------------------------------------------------------------------------------- captions
-def _plural(shape: str) -> str:
+def plural(shape: str) -> str:
+    """The plural of a shape name as captions write it ("crosses"); the grounding loss looks for these words too."""
     return shape + ("es" if shape.endswith("s") else "s")
+
+
+_plural = plural  # the old private name, still imported by sdkit.training.grounding until it uses plural
 
 
 def _group_phrase(g: Group, digits: bool = False, middle: bool = False) -> str:
@@ -236,7 +240,7 @@ def _group_phrase(g: Group, digits: bool = False, middle: bool = False) -> str:
     size = "" if g.size == "medium" else g.size + " "
     if g.count == 1 and count == "a" and (size or g.colour)[0] in "aeiou":
         count = "an"
-    words = f"{count} {size}{g.colour} {_plural(g.shape) if g.count > 1 else g.shape}"
+    words = f"{count} {size}{g.colour} {plural(g.shape) if g.count > 1 else g.shape}"
     if g.position is not None:
         words += " " + ("in the middle" if middle and g.position == "center" else POSITION_PHRASES[g.position])
     return words

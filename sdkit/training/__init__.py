@@ -1,7 +1,7 @@
 """Training with Lightning: modules for every sdkit model, a resumable DataModule, callbacks, and the
 ``sdkit train`` run (CompVis main.py). See :mod:`sdkit.training.run` for the command line.
 
-    sdkit train -b sdkit/configs/train-tiny-t2i.yaml --name tiny
+    sdkit train -b sdkit/configs/recipes/tiny-t2i/stage1.yaml --name tiny
 
 Names are imported on first use, so ``sdkit --help`` does not pay for importing Lightning.
 """

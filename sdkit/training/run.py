@@ -1,6 +1,6 @@
 """``sdkit train``: config-driven Lightning runs, as CompVis main.py.
 
-    sdkit train -b sdkit/configs/train-tiny-t2i.yaml [-b more.yaml ...] [key=value ...] [--name NAME]
+    sdkit train -b sdkit/configs/recipes/tiny-t2i/stage1.yaml [-b more.yaml ...] [key=value ...] [--name NAME]
     sdkit train --resume logs/2024-01-01T12-00-00_tiny          # or a .ckpt file
 
 Configs merge left to right, then the ``key=value`` overrides (OmegaConf dotlist). A run lives in
