@@ -232,9 +232,6 @@ def plural(shape: str) -> str:
     return shape + ("es" if shape.endswith("s") else "s")
 
 
-_plural = plural  # the old private name, still imported by sdkit.training.grounding until it uses plural
-
-
 def _group_phrase(g: Group, digits: bool = False, middle: bool = False) -> str:
     count = str(g.count) if digits and g.count > 1 else COUNT_WORDS[g.count]
     size = "" if g.size == "medium" else g.size + " "
