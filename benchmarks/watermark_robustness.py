@@ -1,47 +1,43 @@
-"""Does the invisible watermark survive what happens to images? Decode success after common transformations.
+"""Does the invisible watermark survive the kit's own images? Detection after PNG, JPEG, resizing and cropping.
 
-    python benchmarks/watermark_robustness.py              # 36 images of 512x512, both payloads (~45 s)
-    python benchmarks/watermark_robustness.py --n 48 --by-source
+    python benchmarks/watermark_robustness.py                     # builds the image set once (~6 min), then ~15 min
+    python benchmarks/watermark_robustness.py --fp-keys 200       # fewer random keys for the false-positive test
 
-Images (all 512x512 RGB): crops of matplotlib's grace_hopper.jpg (a photograph), procedural landscapes (fractal
-noise through colour maps, with soft-edged shapes and grain), and when the kit's datasets are importable,
-rendered scenes from sdkit.data.shapes and OpenMoji emoji from sdkit.data.emoji (flat colours: the hard case).
-Each image is watermarked with sdkit.watermark.apply_watermark, transformed, and decoded with the expected
-payload's length. "bit acc" is the mean fraction of payload bits read correctly (0.5 = chance), "min" the worst
-image, "detected" the share of images whose bit accuracy passes `detection_threshold` (a level unmarked images
-reach with probability 1e-4; the control row checks it), "exact" the share whose whole payload reads back.
+The images are the kit's own outputs (54; generated once with the shipped models and cached in --cache):
 
-The other tables measure what image size does: lossless round trips against votes per bit (bit slots / payload
-bits), at the sizes invisible-watermark accepts and below its 256x256 minimum (the small-image rule in
-sdkit/watermark.py). "textured" = photo crops and landscapes, "flat" = shapes and emoji.
+- shapes-white-64, shapes-colour-64, emoji-64: the shipped tiny model's txt2img at its native 64x64 (DPM++ 2M,
+  10 steps, guidance 7.5), two seeds each of six prompts per kind, e.g. "two yellow stars on the left", "a blue
+  square on a light green background", "a crocodile, openmoji style", "a pizza, twemoji style";
+- tiny-256: the tiny model asked for 256x256 (`sdkit generate PROMPT --height 256 --width 256`, the issue's case);
+- upscaled-256: `sdkit.pipelines.upscale` with the shipped tiny upscaler on 64x64 outputs (4x: 256x256);
+- sd-config-512: `sdkit.load_model("sd-v1-inference")` (random weights): its VAE decoding random latents, 512x512.
 
-Measured (invisible-watermark 0.2.0, --n 36: 12 photo, 12 landscape, 6 shapes, 6 emoji):
+plus, for reference only (not in the "kit" rows), photo-512: crops of matplotlib's grace_hopper.jpg, textured
+images like those notebook 10 measured on.
 
-| payload | transformation | bit acc | min | detected | exact |
-|---|---|---|---|---|---|
-| StableDiffusionV1 (136 bits) | unmarked image (control) | 0.498 | 0.441 | 0% | 0% |
-| StableDiffusionV1 (136 bits) | PNG save/load | 0.823 | 0.500 | 75% | 19% |
-| StableDiffusionV1 (136 bits) | JPEG q95 | 0.571 | 0.500 | 19% | 0% |
-| StableDiffusionV1 (136 bits) | JPEG q75 | 0.508 | 0.456 | 0% | 0% |
-| StableDiffusionV1 (136 bits) | resize to half (256) | 0.502 | 0.426 | 0% | 0% |
-| StableDiffusionV1 (136 bits) | half, then back to 512 | 0.809 | 0.500 | 72% | 17% |
-| StableDiffusionV1 (136 bits) | centre crop 75% (384) | 0.632 | 0.500 | 28% | 0% |
-| sdkit (40 bits) | unmarked image (control) | 0.483 | 0.425 | 0% | 0% |
-| sdkit (40 bits) | PNG save/load | 0.856 | 0.475 | 75% | 56% |
-| sdkit (40 bits) | JPEG q95 | 0.568 | 0.475 | 11% | 0% |
-| sdkit (40 bits) | JPEG q75 | 0.483 | 0.425 | 0% | 0% |
-| sdkit (40 bits) | resize to half (256) | 0.483 | 0.325 | 0% | 0% |
-| sdkit (40 bits) | half, then back to 512 | 0.828 | 0.475 | 67% | 58% |
-| sdkit (40 bits) | centre crop 75% (384) | 0.619 | 0.475 | 0% | 0% |
+Paths (what the kit writes, see sdkit/watermark/__init__.py):
+- `spread 'sdkit'`: the kit's default (`apply_watermark(image, "sdkit")`), read by `detect_watermark`
+  (found at a false-positive rate <= 1e-4, with the crop search);
+- `dwtDct 'StableDiffusionV1'`: SD v1's exact path (`method="dwtDct"`), read by `decode_watermark(...).detected`
+  (bit accuracy above what chance reaches with probability 1e-4). It cannot mark images under 256x256 (the
+  library refuses them): those count as not detected;
+- `auto 'StableDiffusionV1'`: what the kit writes for SD configs (dwtDct and spread together), read both ways;
+- `dwtDctSvd 'sdkit'`: invisible-watermark's other method, measured to choose the default (>= 256x256 only).
 
-By source after PNG (SD payload): photo 0.960 bit acc / 100% detected / 17% exact, landscape 0.902 / 100% /
-33%, emoji 0.717 / 50% / 17%, shapes 0.500 / 0% / 0% (white backgrounds: the mark is clipped away).
+Columns: "marked", how many images the path could mark (dwtDct and dwtDctSvd refuse those under 256x256);
+PSNR of the marked image against the unmarked one (dB, mean and worst); "FP unmarked": false positives / trials,
+where each unmarked image, its JPEG q75 and half-size copies, and the marked image are tested against --fp-keys
+random keys (spread; a random key is what another payload's SHA-256 gives) or random payloads (bit-reading
+methods); in parentheses, when no keys were drawn, unmarked images found for the path's own payload. Then the
+share of the images detected after each transformation (PNG: a lossless round trip; "crop 75%": the middle 75% of
+each side). An image a method could not mark counts as not detected.
 """
 from __future__ import annotations
 
 import argparse
 import io
-import itertools
+import math
+import os
 import sys
 import time
 import warnings
@@ -51,81 +47,101 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sdkit.watermark import (  # noqa: E402
-    SD_V1_PAYLOAD, SDKIT_PAYLOAD, apply_watermark, capacity, decode_watermark, detection_threshold,
+from sdkit.watermark import (
+    SD_V1_PAYLOAD,
+    SDKIT_PAYLOAD,
+    apply_watermark,
+    decode_watermark,
+    detect_watermark,
+    detection_threshold,
+    spread,
 )
 
-SIZE = 512
+PROMPTS = {
+    "shapes-white-64": ["a red circle", "two yellow stars on the left", "a green triangle at the top",
+                        "three small blue squares", "a purple heart on the right", "a red apple"],
+    "shapes-colour-64": ["a blue square on a light green background", "a red circle on a yellow background",
+                         "two white stars on a black background", "a green triangle on a pink background",
+                         "an orange heart on a blue background", "a yellow circle on a purple background"],
+    "emoji-64": ["a crocodile, openmoji style", "a pizza, twemoji style", "a cat face, twemoji style",
+                 "a rocket, openmoji style", "a red apple, twemoji style", "a sun, openmoji style"],
+}
+PROMPTS_256 = ["two yellow stars on the left", "a blue square on a light green background", "a red apple",
+               "a crocodile, openmoji style"]
+KIT = ("shapes-white-64", "shapes-colour-64", "emoji-64", "tiny-256", "upscaled-256", "sd-config-512")
+REFERENCE = ("photo-512",)
 
 
 # ------------------------------------------------------------------------------------------------- images
 
 
-def photo_crops(n: int, rng: np.random.Generator) -> list[np.ndarray]:
+def build_corpus(cache: Path, steps: int = 10, seeds=(1, 2), n_upscaled: int = 8, n_sd: int = 6) -> None:
+    """Generate the kit's outputs (unmarked) into `cache` as PNGs; files already there are kept."""
+    import torch
+
+    import sdkit
+    from sdkit.pipelines import txt2img, upscale
+
+    cache.mkdir(parents=True, exist_ok=True)
+    models = {}
+
+    def model(name):
+        if name not in models:
+            models[name] = sdkit.load_model(name)
+        return models[name]
+
+    small = []
+    for category, prompts in PROMPTS.items():
+        for i, prompt in enumerate(prompts):
+            for seed in seeds:
+                path = cache / f"{category}-{i}-{seed}.png"
+                if not path.exists():
+                    txt2img(model("tiny"), prompt, steps=steps, seed=seed, progress=False).images[0].save(path)
+                small.append(path)
+    for i, source in enumerate(small[::max(1, len(small) // n_upscaled)][:n_upscaled]):
+        path = cache / f"upscaled-256-{i}.png"
+        if not path.exists():
+            with Image.open(source) as low:
+                upscale(model("tiny-upscaler"), low.convert("RGB"), steps=steps, seed=i,
+                        progress=False).images[0].save(path)
+    for i, prompt in enumerate(PROMPTS_256):
+        path = cache / f"tiny-256-{i}.png"
+        if not path.exists():
+            txt2img(model("tiny"), prompt, height=256, width=256, steps=steps, seed=i,
+                    progress=False).images[0].save(path)
+    for i in range(n_sd):
+        path = cache / f"sd-config-512-{i}.png"
+        if not path.exists():
+            sd = model("sd-v1-inference")
+            z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(i))
+            with torch.no_grad():
+                x = sd.decode_first_stage(z.to(sd.device))
+            pixels = ((x[0].permute(1, 2, 0).float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+            Image.fromarray(pixels).save(path)
+
+
+def photo_crops(n: int, seed: int = 0) -> list[np.ndarray]:
     import matplotlib.cbook
 
-    photo = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    rng = np.random.default_rng(seed)
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as image:
+        photo = image.convert("RGB")
     out = []
     for _ in range(n):
         side = int(rng.integers(300, min(photo.size) + 1))
         left, top = int(rng.integers(0, photo.width - side + 1)), int(rng.integers(0, photo.height - side + 1))
-        crop = photo.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.LANCZOS)
-        out.append(np.asarray(crop.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop))
+        out.append(np.asarray(photo.crop((left, top, left + side, top + side)).resize((512, 512), Image.LANCZOS)))
     return out
 
 
-def _fractal_noise(rng: np.random.Generator, octaves: int = 6) -> np.ndarray:
-    total = np.zeros((SIZE, SIZE))
-    for octave in range(octaves):
-        cells = 2 ** (octave + 2)
-        grid = Image.fromarray(rng.random((cells, cells)).astype(np.float32), mode="F")
-        total += np.asarray(grid.resize((SIZE, SIZE), Image.BICUBIC)) / 2 ** octave
-    return (total - total.min()) / (total.max() - total.min())
-
-
-def landscapes(n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    import matplotlib
-
-    out = []
-    for _ in range(n):
-        cmap = matplotlib.colormaps[rng.choice(["terrain", "gist_earth", "copper", "viridis", "ocean"])]
-        rgb = cmap(_fractal_noise(rng))[..., :3]
-        yy, xx = np.mgrid[:SIZE, :SIZE] / SIZE
-        for _ in range(int(rng.integers(1, 4))):  # soft-edged blobs with a shading gradient
-            cx, cy, r = rng.random(), rng.random(), rng.uniform(0.08, 0.25)
-            inside = np.clip((r - np.hypot(xx - cx, yy - cy)) / 0.02, 0, 1)[..., None]
-            shade = (1 - 0.5 * (yy - cy + r) / (2 * r)).clip(0.4, 1)[..., None]
-            rgb = rgb * (1 - inside) + inside * rng.random(3) * shade
-        rgb = rgb + rng.normal(0, 0.02, rgb.shape)  # film grain
-        out.append((rgb.clip(0, 1) * 255).round().astype(np.uint8))
-    return out
-
-
-def shape_scenes(n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    from sdkit.data.shapes import render, sample_scene
-
-    return [np.asarray(render(sample_scene(rng), size=SIZE, seed=i).convert("RGB")) for i in range(n)]
-
-
-def emoji(n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    from sdkit.data.emoji import list_emoji, render_emoji
-
-    entries = list_emoji("openmoji")
-    picks = rng.choice(len(entries), size=n, replace=False)
-    return [np.asarray(render_emoji(entries[i].emoji, "openmoji", size=SIZE).convert("RGB")) for i in picks]
-
-
-def image_set(n: int, seed: int = 0) -> dict[str, list[np.ndarray]]:
-    """About n images: a third photo crops, a third landscapes, the rest shapes and emoji when available."""
-    rng = np.random.default_rng(seed)
-    sets = {"photo": photo_crops(n // 3, rng), "landscape": landscapes(n // 3, rng)}
-    rest = n - 2 * (n // 3)
-    for name, make, count in (("shapes", shape_scenes, rest // 2), ("emoji", emoji, rest - rest // 2)):
-        try:
-            sets[name] = make(count, rng)
-        except Exception as e:  # noqa: BLE001 - an optional source; say why it is missing
-            print(f"(no {name} images: {type(e).__name__}: {e}; using landscapes instead)")
-            sets["landscape"] += landscapes(count, rng)
+def load_corpus(cache: Path, n_photos: int) -> dict[str, list[np.ndarray]]:
+    sets: dict[str, list[np.ndarray]] = {}
+    for category in KIT:
+        for path in sorted(cache.glob(f"{category}-*.png")):
+            with Image.open(path) as image:
+                sets.setdefault(category, []).append(np.asarray(image.convert("RGB")))
+    if n_photos:
+        sets["photo-512"] = photo_crops(n_photos)
     return sets
 
 
@@ -135,141 +151,214 @@ def image_set(n: int, seed: int = 0) -> dict[str, list[np.ndarray]]:
 def _reencode(rgb: np.ndarray, **save_args) -> np.ndarray:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, **save_args)
-    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    with Image.open(io.BytesIO(buffer.getvalue())) as image:
+        return np.asarray(image.convert("RGB"))
 
 
-def _resize(rgb: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.LANCZOS))
+def _half(rgb: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb).resize((rgb.shape[1] // 2, rgb.shape[0] // 2), Image.LANCZOS))
 
 
-def _centre_crop(rgb: np.ndarray, fraction: float) -> np.ndarray:
-    side = int(rgb.shape[0] * fraction)
-    start = (rgb.shape[0] - side) // 2
-    return rgb[start:start + side, start:start + side]
+def _centre_crop(rgb: np.ndarray, fraction: float = 0.75) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    ch, cw = round(h * fraction), round(w * fraction)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return rgb[top:top + ch, left:left + cw]
 
 
 TRANSFORMS = {
-    "unmarked image (control)": None,  # decoded without embedding: what chance looks like
-    "none (array)": lambda x: x,
-    "PNG save/load": lambda x: _reencode(x, format="PNG"),
+    "PNG": lambda x: _reencode(x, format="PNG"),
     "JPEG q95": lambda x: _reencode(x, format="JPEG", quality=95),
     "JPEG q75": lambda x: _reencode(x, format="JPEG", quality=75),
-    "resize to half (256)": lambda x: _resize(x, SIZE // 2),
-    "half, then back to 512": lambda x: _resize(_resize(x, SIZE // 2), SIZE),
-    "centre crop 75% (384)": lambda x: _centre_crop(x, 0.75),
+    "resize half": _half,
+    "crop 75%": _centre_crop,
 }
 
 
-def robustness(sets: dict[str, list[np.ndarray]], payloads: tuple[str, ...]) -> list[dict]:
+# -------------------------------------------------------------------------------------------------- paths
+
+
+def _svd_embed(rgb: np.ndarray, payload: bytes) -> np.ndarray | None:
+    from imwatermark import WatermarkEncoder
+
+    if rgb.shape[0] * rgb.shape[1] < 256 * 256:
+        return None  # the library refuses
+    encoder = WatermarkEncoder()
+    encoder.set_watermark("bytes", payload)
+    return encoder.encode(np.ascontiguousarray(rgb[:, :, ::-1]), "dwtDctSvd")[:, :, ::-1].copy()
+
+
+def _svd_bits(rgb: np.ndarray, n_bits: int) -> np.ndarray | None:
+    from imwatermark.dwtDctSvd import EmbedDwtDctSvd
+
+    if (rgb.shape[0] // 8) * (rgb.shape[1] // 8) < n_bits:
+        return None  # fewer blocks than bits (WatermarkDecoder would refuse under 256x256; this reads crops too)
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    return np.asarray(EmbedDwtDctSvd(watermarks=[], wmLen=n_bits).decode(bgr), dtype=bool)
+
+
+def _dwt_bits(rgb: np.ndarray, n_bits: int) -> np.ndarray | None:
+    try:
+        return decode_watermark(rgb, None, n_bits=n_bits).bits
+    except ValueError:  # fewer bit slots than bits: cannot be read
+        return None
+
+
+def _unpack(payload: bytes) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(payload, dtype=np.uint8)).astype(bool)
+
+
+class BitPath:
+    """A bit-reading method (dwtDct, dwtDctSvd): detected when the bit accuracy passes the binomial threshold."""
+
+    def __init__(self, name, payload, embed, read):
+        self.name, self.payload, self.embed_fn, self.read = name, payload.encode(), embed, read
+        self.bits = _unpack(self.payload)
+
+    def embed(self, rgb):
+        return self.embed_fn(rgb)
+
+    def detected(self, rgb) -> bool:
+        bits = self.read(rgb, len(self.bits))
+        return bits is not None and (bits == self.bits).mean() >= detection_threshold(len(self.bits))
+
+    def false_positives(self, rgb, n_keys, rng) -> tuple[int, int]:
+        bits = self.read(rgb, len(self.bits))
+        if bits is None:
+            return 0, n_keys
+        keys = rng.integers(0, 2, size=(n_keys, len(self.bits))).astype(bool)
+        return int(((keys == bits).mean(axis=1) >= detection_threshold(len(self.bits))).sum()), n_keys
+
+
+class SpreadPath:
+    def __init__(self, name, payload, method, fp=True):
+        self.name, self.payload, self.method, self.fp = name, payload, method, fp
+
+    def embed(self, rgb):
+        if min(rgb.shape[:2]) < spread.MIN_SIDE:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return apply_watermark(rgb, self.payload, method=self.method)
+
+    def detected(self, rgb) -> bool:
+        return detect_watermark(rgb, self.payload).found
+
+    def false_positives(self, rgb, n_keys, rng) -> tuple[int, int]:
+        return spread.false_positives(rgb, n_keys, seed=int(rng.integers(2**31))), n_keys
+
+
+def paths() -> list:
+    def dwt_embed(rgb):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = apply_watermark(rgb, SD_V1_PAYLOAD, method="dwtDct", on_small="ignore")
+        return None if np.array_equal(out, rgb) else out
+
+    def auto_embed(rgb):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return apply_watermark(rgb, SD_V1_PAYLOAD, method="auto", on_small="ignore")
+
+    return [
+        SpreadPath("spread 'sdkit' (kit default)", SDKIT_PAYLOAD, "auto"),
+        BitPath("dwtDct 'StableDiffusionV1' (SD v1)", SD_V1_PAYLOAD, dwt_embed, _dwt_bits),
+        BitPath("auto 'StableDiffusionV1': dwtDct read", SD_V1_PAYLOAD, auto_embed, _dwt_bits),
+        SpreadPath("auto 'StableDiffusionV1': spread read", SD_V1_PAYLOAD, "auto", fp=False),  # same detector
+        BitPath("dwtDctSvd 'sdkit' (library)", SDKIT_PAYLOAD, lambda x: _svd_embed(x, SDKIT_PAYLOAD.encode()),
+                _svd_bits),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b) ** 2)
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def measure(sets, fp_keys: int, seed: int = 0) -> list[dict]:
+    """One row per (path, category, image)."""
+    rng = np.random.default_rng(seed)
     rows = []
-    for payload in payloads:
-        marked = {name: [apply_watermark(img, payload) for img in images] for name, images in sets.items()}
-        for transform_name, transform in TRANSFORMS.items():
-            for name, images in marked.items():
-                originals = sets[name]
-                for img, original in zip(images, originals):
-                    reading = decode_watermark(original if transform is None else transform(img), payload)
-                    rows.append({"payload": payload, "transform": transform_name, "source": name,
-                                 "acc": reading.bit_accuracy, "exact": bool(reading.matches)})
+    cached_auto = {}
+    for path in paths():
+        for category, images in sets.items():
+            for index, image in enumerate(images):
+                key = (category, index)
+                if path.name.startswith("auto") and key in cached_auto:
+                    marked = cached_auto[key]
+                else:
+                    marked = path.embed(image)
+                    if path.name.startswith("auto"):
+                        cached_auto[key] = marked
+                row = {"path": path.name, "category": category, "marked": marked is not None,
+                       "psnr": _psnr(image, marked) if marked is not None else None}
+                for name, transform in TRANSFORMS.items():
+                    row[name] = marked is not None and path.detected(transform(marked))
+                fp, trials = 0, 0
+                if fp_keys and getattr(path, "fp", True):
+                    # unmarked: the image, its JPEG q75 and half-size copies; and the marked image tested for
+                    # other keys (another payload's mark must not be found either)
+                    controls = [image, TRANSFORMS["JPEG q75"](image), _half(image)]
+                    for control in controls + ([marked] if marked is not None else []):
+                        found, n = path.false_positives(control, fp_keys, rng)
+                        fp, trials = fp + found, trials + n
+                row["fp"], row["fp_trials"] = fp, trials
+                row["found_unmarked"] = path.detected(image)
+                rows.append(row)
     return rows
 
 
-CONTENT = {"textured": ("photo", "landscape"), "flat": ("shapes", "emoji")}
-
-
-def size_rule(sets: dict[str, list[np.ndarray]]) -> list[dict]:
-    """Exact lossless (PNG) round trips against votes per bit, at the sizes invisible-watermark accepts."""
-    rows = []
-    for payload, (content, sources), size in itertools.product(
-            (SD_V1_PAYLOAD, SDKIT_PAYLOAD), CONTENT.items(), (256, 320, 384, 448, 512)):
-        images = [img for source in sources for img in sets.get(source, [])]
-        bits = 8 * len(payload)
-        if images:
-            exact, accs = 0, []
-            for img in images:
-                marked = apply_watermark(_resize(img, size), payload)
-                reading = decode_watermark(_reencode(marked, format="PNG"), payload)
-                exact += bool(reading.matches)
-                accs.append(reading.bit_accuracy)
-            rows.append({"payload": payload, "content": content, "size": size,
-                         "votes": capacity(size, size) / bits, "accs": accs, "exact": exact / len(images)})
-    return rows
-
-
-def small_images(sets: dict[str, list[np.ndarray]]) -> list[dict]:
-    """What small images would give if the rule did not skip them (the algorithm called below the library's guard)."""
-    from imwatermark.maxDct import EmbedMaxDct
-
-    rows = []
-    for payload, (content, sources), size in itertools.product(
-            (SDKIT_PAYLOAD, SD_V1_PAYLOAD), CONTENT.items(), (64, 128)):
-        images = [img for source in sources for img in sets.get(source, [])]
-        bits = np.unpackbits(np.frombuffer(payload.encode(), dtype=np.uint8))
-        if not images or capacity(size, size) < len(bits):
-            continue  # the payload does not even fit once
-        accs, exact = [], 0
-        for img in images:
-            bgr = np.ascontiguousarray(_resize(img, size)[:, :, ::-1])
-            marked = EmbedMaxDct(list(bits), wmLen=len(bits)).encode(bgr)
-            read = np.asarray(EmbedMaxDct([], wmLen=len(bits)).decode(marked), dtype=bool)
-            accs.append(float((read == bits).mean()))
-            exact += bool((read == bits).all())
-        rows.append({"payload": payload, "content": content, "size": size,
-                     "votes": capacity(size, size) / len(bits), "accs": accs, "exact": exact / len(images)})
-    return rows
-
-
-# ------------------------------------------------------------------------------------------------- report
-
-
-def robustness_table(rows: list[dict], by_source: bool) -> str:
-    groups = sorted({(r["payload"], r["transform"]) + ((r["source"],) if by_source else ()) for r in rows},
-                    key=lambda g: (g[0] != SD_V1_PAYLOAD, list(TRANSFORMS).index(g[1]), g[2:]))
-    source = " source |" if by_source else ""
-    head = f"| payload | transformation |{source} n | bit acc | min | detected | exact |"
+def table(rows: list[dict]) -> str:
+    head = ("| path | images | n | marked | PSNR dB mean (min) | FP unmarked | " + " | ".join(TRANSFORMS) + " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for g in groups:
-        sel = [r for r in rows if (r["payload"], r["transform"]) == g[:2] and (not by_source or r["source"] == g[2])]
-        accs = np.array([r["acc"] for r in sel])
-        detected = np.mean(accs >= detection_threshold(8 * len(g[0])))
-        lines.append(f"| {g[0]} ({8 * len(g[0])} bits) | {g[1]} |" + (f" {g[2]} |" if by_source else "")
-                     + f" {len(sel)} | {accs.mean():.3f} | {accs.min():.3f} | {detected:.0%} |"
-                     + f" {np.mean([r['exact'] for r in sel]):.0%} |")
-    return "\n".join(lines)
-
-
-def size_table(rows: list[dict]) -> str:
-    lines = ["| payload | content | image | votes per bit | n | bit acc | detected | exact |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        accs = np.array(r["accs"])
-        detected = np.mean(accs >= detection_threshold(8 * len(r["payload"])))
-        lines.append(f"| {r['payload']} | {r['content']} | {r['size']}x{r['size']} | {r['votes']:.1f} | {len(accs)} |"
-                     f" {accs.mean():.3f} | {detected:.0%} | {r['exact']:.0%} |")
+    groups = []
+    for path in dict.fromkeys(r["path"] for r in rows):
+        groups.append((path, "kit outputs (all)", lambda r: r["category"] in KIT))
+        categories = dict.fromkeys(r["category"] for r in rows if r["path"] == path)
+        groups += [(path, c, lambda r, c=c: r["category"] == c) for c in categories]
+    for path, label, keep in groups:
+        sel = [r for r in rows if r["path"] == path and keep(r)]
+        if not sel:
+            continue
+        psnr = [r["psnr"] for r in sel if r["psnr"] is not None]
+        psnr_text = f"{np.mean(psnr):.1f} ({min(psnr):.1f})" if psnr else "-"
+        fp, trials = sum(r["fp"] for r in sel), sum(r["fp_trials"] for r in sel)
+        fp_text = f"{fp}/{trials}" if trials else f"({sum(r['found_unmarked'] for r in sel)}/{len(sel)})"
+        cells = " | ".join(f"{100 * np.mean([r[t] for r in sel]):.0f}%" for t in TRANSFORMS)
+        lines.append(f"| {path} | {label} | {len(sel)} | {sum(r['marked'] for r in sel)} | {psnr_text} | "
+                     f"{fp_text} | {cells} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=36, help="number of 512x512 images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--by-source", action="store_true", help="one row per image source as well")
-    parser.add_argument("--skip-size-rule", action="store_true")
+    parser.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent / ".cache" / "watermark-corpus",
+                        help="folder for the generated (unmarked) images")
+    parser.add_argument("--photos", type=int, default=6, help="reference photo crops (0: none)")
+    parser.add_argument("--fp-keys", type=int, default=1000,
+                        help="random keys per unmarked image (x3 versions) for the empirical false-positive rate")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for generating the images")
     args = parser.parse_args(argv)
-    warnings.simplefilter("ignore", RuntimeWarning)  # imwatermark's mean of empty vote lists (64x64 rows)
-
+    warnings.simplefilter("ignore", RuntimeWarning)  # imwatermark's mean of empty vote lists on small images
     start = time.perf_counter()
-    sets = image_set(args.n, args.seed)
-    print("images:", ", ".join(f"{len(v)} {k}" for k, v in sets.items()), f"({SIZE}x{SIZE})\n")
-    rows = robustness(sets, (SD_V1_PAYLOAD, SDKIT_PAYLOAD))
-    print(robustness_table(rows, by_source=False))
-    if args.by_source:
-        print("\n" + robustness_table(rows, by_source=True))
-    if not args.skip_size_rule:
-        print("\nSize rule: lossless (PNG) round trips, at sizes invisible-watermark accepts")
-        print(size_table(size_rule(sets)))
-        print("\nBelow invisible-watermark's 256x256 minimum (its algorithm called directly; the rule skips these)")
-        print(size_table(small_images(sets)))
+    if not all(any(args.cache.glob(f"{c}-*.png")) for c in KIT):
+        import torch
+        torch.set_num_threads(args.threads)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        build_corpus(args.cache)
+    sets = load_corpus(args.cache, args.photos)
+    print("images:", ", ".join(f"{len(v)} {k} ({v[0].shape[1]}x{v[0].shape[0]})" for k, v in sets.items()))
+    n_whole, n_crops = spread.hypotheses_count()
+    print(f"spread detector: {n_whole} whole-image + {n_crops} crop placements; threshold z >= "
+          f"{math.sqrt(2 * math.log(2 * n_whole / spread.FALSE_POSITIVE_RATE)):.2f} (whole image), "
+          f"{math.sqrt(2 * math.log(2 * n_crops / spread.FALSE_POSITIVE_RATE)):.2f} (a crop); "
+          f"FP <= {spread.FALSE_POSITIVE_RATE:g} by Hoeffding + union bound\n")
+    rows = measure(sets, args.fp_keys)
+    print(table(rows))
     print(f"\n({time.perf_counter() - start:.0f} s)")
     return 0
 

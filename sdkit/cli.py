@@ -22,7 +22,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _watermark_decode(args: argparse.Namespace) -> int:
     from .watermark import decode_command
 
-    return decode_command(args.file, args.payload)
+    return decode_command(args.file, args.payload, args.method)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -47,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     watermark = sub.add_parser("watermark", help="invisible watermark tools")
     watermark = watermark.add_subparsers(dest="action", required=True)
     decode = watermark.add_parser("decode", help="read the invisible watermark of an image (exit 0 when found)")
-    decode.add_argument("file", help="an image file (PNG keeps the watermark; JPEG and resizing remove it)")
+    decode.add_argument("file", help="an image file (PNG, JPEG, ...; resized or cropped copies too)")
     decode.add_argument("--payload", action="append", help="expected payload text (repeatable); default: "
-                        "'StableDiffusionV1' and 'sdkit'")
+                        "'sdkit' and 'StableDiffusionV1'")
+    decode.add_argument("--method", choices=("spread", "dwtDct", "all"), default="spread",
+                        help="spread: the kit's robust mark (default); dwtDct: SD v1's invisible-watermark mark, "
+                             "as the reference decoder reads it; all: both")
     decode.set_defaults(func=_watermark_decode)
     from .training.run import add_arguments as add_train_arguments  # argparse only: no Lightning import
 
