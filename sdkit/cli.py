@@ -25,6 +25,25 @@ def _watermark_decode(args: argparse.Namespace) -> int:
     return decode_command(args.file, args.payload, args.method)
 
 
+def _info(args: argparse.Namespace) -> int:
+    """Print the generation parameters stored in a PNG (sdkit's record, or any A1111-style "parameters" text)."""
+    import json
+
+    from .pipelines.metadata import a1111_text, read_parameters
+
+    try:
+        record = read_parameters(args.file)
+    except (OSError, ValueError) as e:   # missing file, not an image (PIL.UnidentifiedImageError is an OSError)
+        print(f"sdkit info: error: cannot read {args.file!r}: {e}", file=sys.stderr)
+        return 2
+    if not record:
+        print(f"sdkit info: {args.file} carries no generation parameters", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=1, ensure_ascii=False) if args.json or "sampler" not in record
+          else a1111_text(record))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from .training.run import run
 
@@ -54,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="spread: the kit's robust mark (default); dwtDct: SD v1's invisible-watermark mark, "
                              "as the reference decoder reads it; all: both")
     decode.set_defaults(func=_watermark_decode)
+    info = sub.add_parser("info", help="print the generation parameters a PNG carries (prompt, sampler, seed, ...)")
+    info.add_argument("file", help="a PNG written by sdkit (or by an A1111-style tool)")
+    info.add_argument("--json", action="store_true", help="the full record as JSON")
+    info.set_defaults(func=_info)
     from .training.run import add_arguments as add_train_arguments  # argparse only: no Lightning import
 
     train = sub.add_parser("train", help="train a model from configs (CompVis main.py: -b CONFIG ... key=value)",

@@ -60,3 +60,19 @@ def test_quoted_values_and_img2img_strength_round_trip(model, tmp_path):
     assert parsed["Denoising strength"] == "0.5" and parsed["CFG scale"] == "1"
     assert read_parameters(path)["verb"] == "img2img"
     assert parse_a1111('x\nSteps: 2, Model: "a, b"')["Model"] == "a, b"     # a quoted value with a comma
+
+
+def test_sdkit_generate_writes_parameters_that_sdkit_info_and_an_a1111_reader_read(tmp_path, capsys):
+    from sdkit.cli import main
+
+    assert main(["generate", "two yellow stars", "--negative", "red", "--steps", "3", "--seed", "9",
+                 "--guidance", "4", "--sampler", "ddim", "--out", str(tmp_path), "--no-progress"]) == 0
+    (path,) = tmp_path.glob("*.png")
+    seen = a1111_reader(Image.open(path).info["parameters"])
+    assert (seen["prompt"], seen["negative"], seen["Steps"], seen["Sampler"], seen["CFG scale"], seen["Seed"],
+            seen["Size"]) == ("two yellow stars", "red", "3", "DDIM", "4", "9", "64x64")
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    assert "Sampler: DDIM" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "missing.png")]) == 2
+    assert "cannot read" in capsys.readouterr().err

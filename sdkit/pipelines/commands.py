@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 SHIPPED_MODEL = "tiny"
 SHIPPED_UPSCALER = "tiny-upscaler"   # the default of `sdkit upscale`
@@ -107,23 +106,21 @@ def load(args):
     return load_model(config, args.ckpt, device=args.device, unsafe_pickle=args.unsafe_pickle)
 
 
-def write_png(image, folder: str, name: str, payload: str | None) -> str:
-    """Save atomically: write a temp file in the same folder, then rename it (no half-written PNGs)."""
-    from ..watermark import save_png
+def write_png(image, folder: str, name: str, payload: str | None, parameters: dict | None = None) -> str:
+    """Watermark (unless ``payload`` is None) and save atomically (a temp file, then a rename: no half-written
+    PNGs), with the watermark record and the generation parameters (A1111 "parameters" chunk + sdkit's record)."""
+    from ..atomic import atomic_file
+    from ..watermark import apply_watermark, pnginfo
+    from .metadata import png_text
 
+    if payload is not None:
+        image = apply_watermark(image, payload)
+    info = pnginfo(image)
+    for key, value in (png_text(parameters) if parameters else {}).items():
+        info.add_text(key, value)
     path = os.path.join(folder, name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_png(image, tmp, payload)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 
@@ -166,10 +163,11 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     number = len([f for f in os.listdir(args.out) if f.endswith(".png")])
     payload = _payload(args)
-    for image, seed, flagged in zip(result.images, result.seeds, result.nsfw):
+    records = result.parameters or [None] * len(result.images)
+    for image, seed, flagged, record in zip(result.images, result.seeds, result.nsfw, records):
         while os.path.exists(os.path.join(args.out, f"{number:05d}-{seed}.png")):  # never overwrite
             number += 1
-        path = write_png(image, args.out, f"{number:05d}-{seed}.png", payload)
+        path = write_png(image, args.out, f"{number:05d}-{seed}.png", payload, record)
         number += 1
         print(path + ("  (flagged by the safety checker: placeholder saved)" if flagged else ""))
     return 0
