@@ -1,7 +1,14 @@
 """Does the invisible watermark survive the kit's own images? Detection after PNG, JPEG, resizing and cropping.
 
-    python benchmarks/watermark_robustness.py                     # builds the image set once (~6 min), then ~15 min
-    python benchmarks/watermark_robustness.py --fp-keys 200       # fewer random keys for the false-positive test
+    python benchmarks/watermark_robustness.py                     # builds the image set once (~6 min), then ~16 min
+    python benchmarks/watermark_robustness.py --fp-keys 100       # fewer random keys for the false-positive test
+
+Measured (benchmarks/results/watermark_robustness.txt, 54 kit outputs): the default `spread 'sdkit'` is found in
+100% after PNG, JPEG q95, JPEG q75 and resizing to half, and 81% after a centre crop of 75% (every category 100%
+except the 64x64 emoji: 17%, drawings edge to edge leave few flat cells once the border is cut); 0 false positives
+in 216,000 trials (bound 1e-4); PSNR 41.6 dB mean, 38.2 worst (the textured 512x512 images, where the informed
+rounds work hardest). SD v1's dwtDct marks only the 18 images of at least 256x256 and is found in 20% after PNG,
+0% after JPEG or resizing; invisible-watermark's dwtDctSvd (the library alternative) 28% / 20% / 0%.
 
 The images are the kit's own outputs (54; generated once with the shipped models and cached in --cache):
 
