@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 
@@ -9,7 +11,26 @@ def _convert(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoints import load_model, save_compvis, save_diffusers
+    from .checkpoints.write_compvis import COMPVIS_SUFFIXES
 
+    out = os.path.abspath(args.out)         # everything that can be refused is, before the model is built
+    if args.to == "compvis" and not out.endswith(COMPVIS_SUFFIXES):
+        raise ValueError(f"--to compvis writes a {' / '.join(COMPVIS_SUFFIXES)} file; {args.out!r} has none of "
+                         "these suffixes")
+    if args.to == "diffusers":
+        if args.half:
+            raise ValueError("--half applies to --to compvis only (a diffusers folder is written in float32)")
+        if os.path.isfile(out):
+            raise FileExistsError(f"{args.out!r} is a file; --to diffusers writes a folder")
+    elif os.path.isdir(out):
+        raise IsADirectoryError(f"{args.out!r} is a folder; --to compvis writes one file (e.g. model.safetensors)")
+    if not os.path.exists(args.ckpt):
+        raise FileNotFoundError(f"no checkpoint {args.ckpt!r} (a .ckpt, .safetensors or a diffusers folder)")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"the folder of {args.out!r} does not exist ({parent}); create it first")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write into {parent!r} (permission denied or a read-only file system)")
     model = load_model(args.config, args.ckpt, use_ema=not args.no_ema, unsafe_pickle=args.unsafe_pickle)
     if args.to == "diffusers":
         save_diffusers(model, args.out)
@@ -90,9 +111,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a person's input or environment causes (a bad value, a missing or unreadable file, a config that
+    does not parse, too little memory): printed as one line. Anything else is a bug and keeps its traceback."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+    from PIL import UnidentifiedImageError
+
+    errors = [ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+              MemoryError, FloatingPointError, ImportError, UnidentifiedImageError, yaml.YAMLError,
+              OmegaConfBaseException]
+    if "lightning" in sys.modules:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+        errors.append(MisconfigurationException)
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. User errors print ``sdkit <command>: error: <message>`` on stderr and exit with 2 (set
+    SDKIT_TRACEBACK=1 to see the traceback too); bugs raise as usual."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"sdkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        disk = isinstance(e, OSError) and e.errno in DISK_ERRNOS
+        if os.environ.get("SDKIT_TRACEBACK") or not (disk or isinstance(e, user_errors())):
+            raise
+        message = " ".join(str(e).split()) if str(e).strip() else type(e).__name__
+        print(f"sdkit {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ translated automatically (see ``COMPVIS_TARGETS``), so an unmodified ``v1-infere
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -37,6 +40,10 @@ COMPVIS_TARGETS = {
 }
 
 
+class ConfigError(ValueError):
+    """A config that cannot be read or used: the message names the file or key and what to do."""
+
+
 def get_obj_from_str(path: str) -> Any:
     """Import ``package.module.Name`` and return ``Name``, with an error that says what could not be found."""
     path = COMPVIS_TARGETS.get(path, path)
@@ -61,10 +68,34 @@ def instantiate_from_config(config: Any, **extra: Any) -> Any:
     if isinstance(config, DictConfig):
         config = OmegaConf.to_container(config, resolve=True)
     if not isinstance(config, dict) or "target" not in config:
-        raise KeyError(f"expected a config with a 'target' key (and optional 'params'), got {config!r}")
-    params = dict(config.get("params") or {})
-    params.update(extra)
-    return get_obj_from_str(config["target"])(**params)
+        raise ConfigError(f"expected a config with a 'target' key (and optional 'params'), got {config!r:.200}")
+    params = config.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"the params of target {config['target']!r} must be a mapping of argument names to "
+                          f"values, got {params!r:.100}")
+    params = {**params, **extra}
+    cls = get_obj_from_str(config["target"])
+    check_params(cls, params, config["target"])
+    return cls(**params)
+
+
+def check_params(cls, params: dict, target: str) -> None:
+    """Refuse params that ``cls`` cannot take (a mistyped key, a missing required one) in words, before calling
+    it: a TypeError from inside the constructor would look like a bug."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # builtins and C extensions without a signature: let the call decide
+        return
+    try:
+        signature.bind(**params)
+    except TypeError as e:
+        names = [n for n, p in signature.parameters.items()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = [k for k in params if k not in signature.parameters]
+        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, names, 1))
+                 else repr(k) for k in unknown]
+        detail = f"unknown parameter(s) {', '.join(hints)}" if unknown else str(e)
+        raise ConfigError(f"config target {target!r}: {detail}; it takes: {', '.join(names)}") from None
 
 
 def bundled_configs() -> list[str]:
@@ -78,22 +109,79 @@ def load_config(name_or_path: str | Path | dict | DictConfig, overrides: Iterabl
     """Load a bundled config by name (``"sd-v1-inference"``) or a YAML file, then apply ``key=value`` overrides."""
     if isinstance(name_or_path, (dict, DictConfig)):
         config = OmegaConf.create(name_or_path)
-    else:
+    elif isinstance(name_or_path, (str, Path)):
         path = Path(name_or_path)
         if not path.suffix and not path.exists():
             path = CONFIG_DIR / f"{name_or_path}.yaml"
         if not path.exists():
+            close = difflib.get_close_matches(str(name_or_path), bundled_configs(), 3)
             raise FileNotFoundError(
                 f"no config {str(name_or_path)!r}: give a YAML path or one of the bundled names {bundled_configs()}"
-            )
-        config = OmegaConf.load(path)
+                + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+        if path.is_dir():
+            raise IsADirectoryError(f"config {str(path)!r} is a folder; give a YAML file")
+        config = _read_yaml(path)
+    else:
+        raise TypeError(f"config must be a bundled config name (e.g. 'sd-v1-inference'), a YAML path or a dict, "
+                        f"got {type(name_or_path).__name__} {name_or_path!r:.60}")
     overrides = list(overrides)
     if overrides:
-        config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
+        config = OmegaConf.merge(config, parse_overrides(overrides))
     return config
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    import yaml
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if b"\0" in head or head.startswith((b"PK\x03\x04", b"\x89PNG", b"\x80")):
+            raise ConfigError(f"config {str(path)!r} is a binary file (a checkpoint or an image?), not a YAML "
+                              "config; pass weights with ckpt= (--ckpt)")
+        config = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {str(path)!r} is not a text (YAML) file") from None
+    if isinstance(config, ListConfig):
+        raise ConfigError(f"config {str(path)!r} holds a list; a config is a mapping (model: target: ...)")
+    return config
+
+
+_KEY = re.compile(r"[A-Za-z0-9_][\w\-]*(\.[A-Za-z0-9_][\w\-]*)*")
+
+
+def parse_overrides(overrides: Iterable[str]) -> DictConfig:
+    """``key=value`` dotlist overrides (``model.params.unet_config.params.num_heads=4``), each checked: a dotted
+    key of names, then ``=``, then a YAML value."""
+    import yaml
+
+    parsed = []
+    for item in overrides:
+        key, eq, value = str(item).partition("=")
+        if not eq or not _KEY.fullmatch(key.strip()):
+            raise ConfigError(f"override {item!r} is not key=value with a dotted key (e.g. "
+                              "data.params.batch_size=8)" + ("; to add a config file use -b FILE"
+                                                             if not eq and item.endswith((".yaml", ".yml")) else ""))
+        try:
+            parsed.append(OmegaConf.from_dotlist([f"{key.strip()}={value}"]))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") \
+                from None
+    return OmegaConf.merge(*parsed) if parsed else OmegaConf.create()
+
+
+def model_section(config: DictConfig, name: str = "the config") -> DictConfig:
+    """The ``model:`` section of a config, with its ``target``; a config without one is refused in words."""
+    model = config.get("model") if isinstance(config, DictConfig) else None
+    if not isinstance(model, DictConfig) or "target" not in model:
+        raise ConfigError(f"{name} has no 'model:' section with a 'target:' (it has: {sorted(config)[:8]}); a "
+                          "model config looks like CompVis' v1-inference.yaml: model: {target: ..., params: ...}")
+    return model
 
 
 def merge_configs(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> DictConfig:
     """Merge configs left to right, then dotlist overrides, as CompVis main.py does with ``-b a.yaml -b b.yaml``."""
     configs = [load_config(p) for p in paths]
-    return OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.merge(*configs, parse_overrides(overrides))

@@ -466,5 +466,8 @@ def test_errors_are_clear():
 
     def overflowing(x, t):
         return eps(x, t) * (float("nan") if t[0] < 500 else 1.0)
-    with pytest.raises(FloatingPointError, match=r"step \d+ of 20.*float32"):
+    with pytest.raises(FloatingPointError, match=r"step \d+ of 20.*eps_fn returned NaN/inf") as error:
         sample(overflowing, x, AC, "dpmpp_2m", 20, progress=False)
+    assert "float16" not in str(error.value)     # a float32 sample: no half-precision hint
+    with pytest.raises(FloatingPointError, match=r"step \d+ of 20.*torch.float16: run in float32"):
+        sample(lambda x, t: overflowing(x.float(), t).half(), x.half(), AC, "ddim", 20, progress=False)

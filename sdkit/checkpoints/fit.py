@@ -71,6 +71,17 @@ def check_fits(state_dict: dict, model_state_dict: dict, config_name: str = "the
     return {k: v for k, v in state_dict.items() if k in model_state_dict}
 
 
+def check_finite_weights(state_dict: dict, source: str = "the checkpoint") -> None:
+    """Refuse weights holding NaN or inf (a damaged file, or a training run that diverged): a model built from
+    them only makes NaN images, reported much later as an overflow."""
+    bad = [k for k, t in state_dict.items() if hasattr(t, "is_floating_point") and t.is_floating_point()
+           and t.device.type != "meta" and not bool(t.isfinite().all())]
+    if bad:
+        raise CheckpointError(f"{len(bad)} weight tensor(s) of {source} contain NaN/inf values: {_summary(bad)}. The "
+                              "file is damaged or its training diverged (an on_exception.ckpt?); load an earlier "
+                              "checkpoint. read_checkpoint(path) gives the raw tensors to inspect.")
+
+
 def _check_model_family(sd: dict, model: dict, config_name: str) -> None:
     if any(k.startswith("conditioner.embedders.") for k in sd):
         raise CheckpointError("this is a Stable Diffusion XL checkpoint (its text encoders live under "

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .ema_copies import EMA_COUNTERS, EMA_PREFIX, drop_ema, ema_key, extract_ema
-from .fit import check_fits
+from .fit import check_finite_weights, check_fits
 from .read import read_checkpoint
 
 
@@ -42,6 +42,7 @@ def load_weights(model: nn.Module, ckpt: str | os.PathLike | dict, *, use_ema: b
             if k.startswith("model.") and ema_key(k) in model_state and ema_key(k) not in state and k in state:
                 state[ema_key(k)] = state[k]
     to_load = check_fits(state, model_state, config_name, strict=strict)
+    check_finite_weights(to_load, meta.get("path", "the state dict"))
     model.load_state_dict(to_load, strict=False)
     _warn_scale_factor(model, meta)
     return meta
@@ -86,12 +87,19 @@ def load_model(config: Any, ckpt: str | os.PathLike | dict | None = None, *, use
     EMA weights are used when the checkpoint has them, unless ``use_ema=False``. ``dtype`` casts the networks
     (the noise-schedule buffers stay float32). Returns the model in eval mode.
     """
-    from ..config import instantiate_from_config, load_config
+    from .. import checks
+    from ..config import instantiate_from_config, load_config, model_section
 
-    cfg = load_config(config)
-    model = instantiate_from_config(cfg.model)
+    dtype, device = checks.dtype(dtype), checks.device(device)   # refused before the (slow) build, as are
+    cfg = load_config(config)                                    # a config that is not one and a missing ckpt
+    section = model_section(cfg, _config_name(config))
     if ckpt is None and cfg.get("weights"):
         ckpt = shipped_weights(cfg.weights)
+    if isinstance(ckpt, (str, os.PathLike)) and not os.path.exists(ckpt):
+        read_checkpoint(ckpt)                                    # raises FileNotFoundError, with a hint for Hub ids
+    elif ckpt is not None and not isinstance(ckpt, (str, os.PathLike, dict)):
+        raise TypeError(f"ckpt must be a file or folder path or a state dict, got {type(ckpt).__name__}")
+    model = instantiate_from_config(section)
     if ckpt is not None:
         meta = load_weights(model, ckpt, use_ema=use_ema, strict=strict, unsafe_pickle=unsafe_pickle,
                             config_name=_config_name(config))

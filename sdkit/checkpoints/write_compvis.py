@@ -9,6 +9,8 @@ from torch import nn
 
 from ..atomic import atomic_file
 
+COMPVIS_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
 
 def tensors_for_saving(state: dict, dtype: torch.dtype | None = None) -> dict:
     """Detached, contiguous CPU tensors with no shared storage (safetensors refuses aliases)."""

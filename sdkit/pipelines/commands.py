@@ -141,33 +141,58 @@ def run(args: argparse.Namespace) -> int:
     common = dict(num_images=args.n, steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
                   batch_size=args.batch_size, spacing=args.spacing, karras=args.karras,
                   progress=not args.no_progress)
-    try:
-        model = load(args)
-        if args.safety_checker:
-            from ..safety import SafetyChecker
-            common["safety_checker"] = SafetyChecker.from_pretrained(args.safety_checker, device=args.device)
-        if args.verb != "upscale":
-            common.update(guidance_scale=args.guidance, negative_prompt=args.negative)
-        if args.verb == "txt2img":
-            result = txt2img(model, args.prompt, height=args.height, width=args.width, **common)
-        elif args.verb == "img2img":
-            result = img2img(model, args.image, args.prompt, strength=args.strength, **common)
-        elif args.verb == "inpaint":
-            result = inpaint(model, args.image, args.mask, args.prompt, strength=args.strength,
-                             mask_blur=args.mask_blur, **common)
-        else:
-            result = upscale(model, args.image, args.prompt, decode_tile=args.tile, **common)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
-        print(f"sdkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    os.makedirs(args.out, exist_ok=True)
-    number = len([f for f in os.listdir(args.out) if f.endswith(".png")])
+    check_before_loading(args)        # what can be refused without the model is refused before building it
     payload = _payload(args)
+    model = load(args)
+    if args.safety_checker:
+        from ..safety import SafetyChecker
+        common["safety_checker"] = SafetyChecker.from_pretrained(args.safety_checker, device=args.device)
+    if args.verb != "upscale":
+        common.update(guidance_scale=args.guidance, negative_prompt=args.negative)
+    if args.verb == "txt2img":
+        result = txt2img(model, args.prompt, height=args.height, width=args.width, **common)
+    elif args.verb == "img2img":
+        result = img2img(model, args.image, args.prompt, strength=args.strength, **common)
+    elif args.verb == "inpaint":
+        result = inpaint(model, args.image, args.mask, args.prompt, strength=args.strength,
+                         mask_blur=args.mask_blur, **common)
+    else:
+        result = upscale(model, args.image, args.prompt, decode_tile=args.tile, **common)
+    number = len([f for f in os.listdir(args.out) if f.endswith(".png")])
     records = result.parameters or [None] * len(result.images)
+    saved = []
     for image, seed, flagged, record in zip(result.images, result.seeds, result.nsfw, records):
         while os.path.exists(os.path.join(args.out, f"{number:05d}-{seed}.png")):  # never overwrite
             number += 1
-        path = write_png(image, args.out, f"{number:05d}-{seed}.png", payload, record)
+        try:
+            path = write_png(image, args.out, f"{number:05d}-{seed}.png", payload, record)
+        except OSError as e:
+            again = (f"rerun with --seed {args.seed} to make the same images" if args.seed is not None
+                     else f"their seeds were {result.seeds[len(saved):][:8]}")
+            raise OSError(e.errno, f"could not write {os.path.join(args.out, f'{number:05d}-{seed}.png')}: "
+                                   f"{e.strerror or e}; {len(saved)} of {len(result.images)} image(s) were saved "
+                                   f"before it. Free some space or choose another --out; {again}") from e
+        saved.append(path)
         number += 1
         print(path + ("  (flagged by the safety checker: placeholder saved)" if flagged else ""))
     return 0
+
+
+def check_before_loading(args: argparse.Namespace) -> None:
+    """Refuse, before the model is built and anything is generated: an --out that is a file or cannot be written,
+    a --device this machine lacks, a --ckpt or input file that does not exist."""
+    from ..checks import device
+
+    device(args.device)
+    if args.ckpt is not None and not os.path.exists(args.ckpt):
+        raise FileNotFoundError(f"--ckpt {args.ckpt!r}: no such file or folder")
+    for name in ("image", "mask"):
+        path = getattr(args, name, None)
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{name} {path!r}: " + ("is a folder, not an image file" if os.path.isdir(path)
+                                                           else "no such file"))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"--out {args.out!r} is a file; give a folder (images are named 00000-SEED.png)")
+    os.makedirs(args.out, exist_ok=True)
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {args.out!r}: this folder is not writable; choose another")

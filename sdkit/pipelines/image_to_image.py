@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .images import image_tensor, pad_to_multiple
+from .images import image_tensor, pad_to_multiple, round_up
 from .plan import check_strength, fixed_noise, prepare
 from .result import unchanged
 
@@ -41,12 +41,14 @@ def img2img(model, init_image, prompt: str | Sequence[str], *, strength: float =
     Other arguments as :func:`txt2img`.
     """
     strength = check_strength(strength)
-    plan = prepare(model, prompt, negative_prompt, num_images, **options)                 # 1. check the request
-    x = image_tensor(init_image, "init_image")
+    x = image_tensor(init_image, "init_image", min_side=model.vae_factor)
+    f, multiple = model.vae_factor, model.vae_factor * model.unet_multiple
+    canvas = tuple(round_up(side, multiple) for side in x.shape[-2:])
+    plan = prepare(model, prompt, negative_prompt, num_images, canvas=canvas, encode=True,  # 1. check the request
+                   verb="img2img", **options)
     if strength == 0.0:
         return unchanged(x, plan.seeds)
-    x, (height, width) = pad_to_multiple(x, model.vae_factor * model.unet_multiple)        # 2. the canvas
-    f = model.vae_factor
+    x, (height, width) = pad_to_multiple(x, multiple)                                      # 2. the canvas
     shape = (int(model.channels), x.shape[-2] // f, x.shape[-1] // f)
     noise = fixed_noise(noise, plan.num_images, shape, "noise", "the padded latent size")
     start_step, alpha = plan.start_step(strength)                                          #    where to start

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 
 from ..data.transforms import gaussian_blur
 from .image_to_image import noised
-from .images import image_tensor, mask_tensor, pad_to_multiple
-from .plan import check_strength, prepare
+from .. import checks
+from .images import image_tensor, mask_tensor, pad_to_multiple, round_up
+from .memory import check_memory
+from .plan import check_count, check_decode_tile, check_strength, count_images, prepare
 from .result import PipelineResult, unchanged
 
 MASK_RESIZE = ("nearest", "area", "max")
@@ -45,14 +47,22 @@ def latent_mask(mask: torch.Tensor, factor: int, how: str) -> torch.Tensor:
     return F.interpolate(mask, size=size, mode="nearest")
 
 
+def check_mask_blur(mask_blur, size) -> float:
+    """``mask_blur``: a Gaussian σ in pixels, ≥ 0, whose 3σ reach fits inside the image (reflect padding)."""
+    limit = (min(size) - 1) / 3
+    return checks.number(mask_blur, "mask_blur", low=0.0, high=max(0.0, limit),
+                         hint=f" (a Gaussian σ in pixels; its 3σ reach must fit inside the {size[1]}×{size[0]} "
+                              "image)")
+
+
 def inpaint(model, image, mask, prompt: str | Sequence[str], *, strength: float = 1.0,
             negative_prompt: str | Sequence[str] = "", num_images: int | None = None, mask_blur: float = 0.0,
             mask_resize: str | None = None, use_inpainting_unet: bool | None = None, composite: bool = True,
             **options):
     """Repaint the white region of ``mask`` in ``image`` following ``prompt``.
 
-    ``mask``: a single-channel image (mode "L"/"1") or array/tensor [H, W] in [0, 1] of the image's size;
-    white/1 = repaint. ``mask_blur`` (pixels, Gaussian σ) softens its edge for the blend and the composite.
+    ``mask``: a single-channel image (mode "L"/"1" 0..255, 16-bit 0..65535, or "F" 0..1) or array/tensor [H, W]
+    in [0, 1] (uint8: 0..255) of the image's size; white/1 = repaint. ``mask_blur`` (pixels, Gaussian σ) softens its edge for the blend and the composite.
     ``mask_resize``: how the mask reaches latent size, "nearest", "area" or "max" (default "max" for blending,
     so every masked pixel lies in a repainted latent pixel; "nearest" for the 9-channel UNet, as it was trained).
     ``use_inpainting_unet``: default: the 9-channel path when the model has that UNet, blending otherwise.
@@ -64,7 +74,15 @@ def inpaint(model, image, mask, prompt: str | Sequence[str], *, strength: float 
     SD v1 and cropped back. Other arguments as :func:`txt2img`.
     """
     strength = check_strength(strength)
-    plan = prepare(model, prompt, negative_prompt, num_images, **options)                 # 1. check the request
+    x = image_tensor(image, "image", min_side=model.vae_factor)
+    m = mask_tensor(mask, tuple(x.shape[-2:]))
+    mask_blur = check_mask_blur(mask_blur, x.shape[-2:])
+    if mask_resize is not None and mask_resize not in MASK_RESIZE:
+        raise ValueError(f"mask_resize must be one of {MASK_RESIZE} (or None for the default), got {mask_resize!r}")
+    f, multiple = model.vae_factor, model.vae_factor * model.unet_multiple
+    canvas = tuple(round_up(side, multiple) for side in x.shape[-2:])
+    plan = prepare(model, prompt, negative_prompt, num_images, canvas=canvas, encode=True,  # 1. check the request
+                   verb="inpaint", **options)
     nine = model.is_inpainting if use_inpainting_unet is None else bool(use_inpainting_unet)
     if nine and not model.is_inpainting:
         raise ValueError("use_inpainting_unet=True needs the 9-channel inpainting model (sd-v1-inpainting config); "
@@ -72,14 +90,11 @@ def inpaint(model, image, mask, prompt: str | Sequence[str], *, strength: float 
     if not nine and model.is_inpainting:
         raise ValueError("the 9-channel inpainting UNet always needs its mask and masked image; "
                          "leave use_inpainting_unet at None/True for this model")
-    x = image_tensor(image)
-    m = mask_tensor(mask, tuple(x.shape[-2:]))
     if mask_blur:
-        m = gaussian_blur(m, float(mask_blur)).clamp(0, 1)
+        m = gaussian_blur(m, mask_blur).clamp(0, 1)
     if strength == 0.0:
         return unchanged(x, plan.seeds)
-    f, multiple = model.vae_factor, model.vae_factor * model.unet_multiple               # 2. the canvas
-    (x, (height, width)), (m, _) = pad_to_multiple(x, multiple), pad_to_multiple(m, multiple)
+    (x, (height, width)), (m, _) = pad_to_multiple(x, multiple), pad_to_multiple(m, multiple)   # 2. the canvas
     m_lat = latent_mask(m, f, mask_resize or ("nearest" if nine else "max")).to(model.device)
     start_step, alpha = plan.start_step(strength)
     shape = (int(model.channels), x.shape[-2] // f, x.shape[-1] // f)
@@ -121,16 +136,26 @@ def outpaint(model, image, extend: tuple[int, int, int, int], prompt: str | Sequ
     strength < 1) or "gray" (mid-gray); ``overlap`` pixels of the original along each extended side are
     repainted too, to hide the seam. All other options go to :func:`inpaint`.
     """
-    extend = tuple(int(e) for e in extend)
-    if len(extend) != 4 or min(extend) < 0 or not any(extend):
-        raise ValueError(f"extend must be (left, top, right, bottom) pixel counts ≥ 0, not all 0; got {extend!r}")
+    if isinstance(extend, (str, bytes)) or not hasattr(extend, "__len__") or len(extend) != 4 \
+            or not all(checks.is_int(e) and e >= 0 for e in extend) or not any(extend):
+        raise ValueError(f"extend must be 4 whole pixel counts (left, top, right, bottom), each ≥ 0 and not all 0; "
+                         f"got {extend!r}")
     if fill not in ("edge", "gray"):
         raise ValueError(f"fill must be 'edge' or 'gray', got {fill!r}")
-    x = image_tensor(image)
-    left, top, right, bottom = extend
+    x = image_tensor(image, "image")
+    left, top, right, bottom = (int(e) for e in extend)
+    h, w = x.shape[-2:]
+    overlap = checks.integer(overlap, "overlap", low=0, high=max(0, (min(h, w) - 1) // 2),
+                             hint=f" (pixels of the {w}×{h} original repainted along each extended side; some of "
+                                  "the original must stay)")
+    n = count_images(prompt, inpaint_options.get("num_images"))                # refuse a canvas too big for
+    batch_size = check_count(n, inpaint_options.get("batch_size"))             # memory before making it
+    multiple = model.vae_factor * model.unet_multiple
+    check_memory(model, n, min(n, batch_size), round_up(h + top + bottom, multiple),
+                 round_up(w + left + right, multiple), guided=inpaint_options.get("guidance_scale", 7.5) != 1.0,
+                 decode_tile=check_decode_tile(inpaint_options.get("decode_tile")), encode=True, verb="outpaint")
     canvas = F.pad(x, (left, right, top, bottom), mode="replicate" if fill == "edge" else "constant", value=0.0)
     mask = torch.ones(canvas.shape[-2:])
-    h, w = x.shape[-2:]
     keep = (slice(top + (overlap if top else 0), top + h - (overlap if bottom else 0)),
             slice(left + (overlap if left else 0), left + w - (overlap if right else 0)))
     mask[keep] = 0.0

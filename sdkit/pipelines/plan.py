@@ -15,16 +15,16 @@ Latents are the *scaled* latents the UNet sees (``scale_factor ×`` the autoenco
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
+from .. import checks
 from ..samplers import SAMPLERS, check_options, noise_levels, sample, sampler_options
 from ..samplers.denoisers import denoiser
 from .decoding import decode
+from .memory import check_memory
 from .result import PipelineResult, finish
 
 DEFAULT_SAMPLER = "dpmpp_2m"  # DPM-Solver++(2M): good images in 20 steps, deterministic, one model call per step
@@ -33,31 +33,34 @@ Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]   # (step from
 
 
 # ------------------------------------------------------------------------------------------------ checks
+MAX_GUIDANCE = 1000.0   # beyond this the guided ε is mostly the amplified difference of two predictions: garbage
+
+
 def check_sampling_args(sampler: str, steps: int, guidance_scale: float = 1.0) -> None:
     """Fail before any expensive work, with messages a person can act on."""
-    if sampler not in SAMPLERS:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer (the number of sampling steps), got {steps!r}")
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number (1.0 = no guidance, 7.5 = SD's default), "
-                         f"got {guidance_scale!r}")
+    checks.integer(steps, "steps", low=1, hint=" (the number of sampling steps)")
+    checks.number(guidance_scale, "guidance_scale", low=-MAX_GUIDANCE, high=MAX_GUIDANCE,
+                  hint=" (1 = no guidance, 7.5 = SD's default; SD works with about 1 to 20)")
 
 
 def check_strength(strength: float) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be a number from 0 to 1 (0 = return the input unchanged, 1 = repaint "
-                         f"from pure noise), got {strength!r}")
-    return float(strength)
+    return checks.number(strength, "strength", low=0.0, high=1.0,
+                         hint=" (0 = return the input unchanged, 1 = repaint from pure noise)")
 
 
 def check_count(num_images: int, batch_size: int | None) -> int:
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+    checks.integer(num_images, "num_images", low=1)
     batch_size = num_images if batch_size is None else batch_size
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
+    return checks.integer(batch_size, "batch_size", low=1, hint=" (images sampled at once)")
+
+
+def check_decode_tile(decode_tile: int | None) -> int | None:
+    if decode_tile is None:
+        return None
+    return checks.integer(decode_tile, "decode_tile", low=0,
+                          hint=" (latent pixels per tile, e.g. 64; 0 or None = decode whole)")
 
 
 def sampler_kwargs(sampler: str, spacing: str = "compvis", karras: bool = False, eta: float = 0.0,
@@ -75,47 +78,81 @@ def sampler_kwargs(sampler: str, spacing: str = "compvis", karras: bool = False,
 
 
 def resolve_seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:
-    if seed is None:
-        return [secrets.randbelow(2 ** 31) for _ in range(n)]
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        return [int(seed) + i for i in range(n)]
-    seeds = list(seed)
-    if len(seeds) != n or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seed must be None, an int, or a list of {n} ints (one per image), got {seed!r}")
-    return [int(s) for s in seeds]
+    """One seed per image: ``seed + i`` for an int, the list itself, or fresh random seeds for None."""
+    resolved = checks.seeds(seed, n)
+    return [secrets.randbelow(2 ** 31) for _ in range(n)] if resolved is None else resolved
 
 
 def count_images(prompt, num_images: int | None) -> int:
     """``num_images`` when given; otherwise one image per prompt of a list, or 1 for a single string."""
     if num_images is not None:
         return num_images
-    return 1 if isinstance(prompt, str) or prompt is None else len(list(prompt))
+    if isinstance(prompt, (list, tuple)):
+        return max(1, len(prompt))
+    return 1
 
 
 def as_prompt_list(prompt: str | Sequence[str], n: int, what: str = "prompt") -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt] * n
-    prompts = list(prompt)
-    if len(prompts) != n or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{what} must be a string or a list of {n} strings (one per image), got {prompt!r}")
-    return prompts
+    return checks.texts(prompt, n, what)
 
 
 def fixed_noise(noise: torch.Tensor | None, n: int, shape: tuple, what: str, size_note: str) -> torch.Tensor | None:
     """A user's fixed noise [n or 1, *shape] (or [*shape]) expanded to n images; None passes through."""
     if noise is None:
         return None
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise TypeError(f"{what} must be a float tensor of unit-variance noise, got "
+                        f"{noise.dtype if isinstance(noise, torch.Tensor) else type(noise).__name__}")
     if noise.ndim == 3:
         noise = noise[None]
     if tuple(noise.shape[1:]) != tuple(shape) or noise.shape[0] not in (1, n):
         raise ValueError(f"{what} has shape {tuple(noise.shape)}; it must be [{n}{' (or 1)' if n > 1 else ''}, "
                          f"{', '.join(map(str, shape))}] ({size_note})")
+    checks.finite(noise, what, "; it must be finite unit-variance noise, e.g. torch.randn(...)")
     return noise.expand(n, *shape).float()
 
 
 def check_finite(x: torch.Tensor, stage: str, advice: str) -> None:
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"{int((~torch.isfinite(x)).sum())} NaN/inf values in {stage}. {advice}")
+
+
+def is_half(module) -> bool:
+    return any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters())
+
+
+def non_finite_weights(module, limit: int = 3) -> list[str]:
+    """Names of (at most ``limit``) parameters or buffers of ``module`` holding NaN/inf."""
+    bad = []
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+            if len(bad) == limit:
+                break
+    return bad
+
+
+def explain_non_finite(plan: "Plan", cond, uncond) -> str:
+    """Why the sample became NaN/inf, from what the plan knows (its inputs were checked finite before)."""
+    model, unet = plan.model, plan.model.model
+    bad = non_finite_weights(unet)
+    if bad:
+        return (f"the UNet's weights contain NaN/inf ({', '.join(bad)}): the checkpoint is damaged or its training "
+                "diverged; load other weights")
+    for name, c in (("the encoded prompt", cond), ("the encoded negative prompt", uncond)):
+        if isinstance(c, torch.Tensor) and not bool(torch.isfinite(c).all()):
+            stage = getattr(model, "cond_stage_model", None)
+            weights = non_finite_weights(stage) if stage is not None else []
+            return (f"{name} contains NaN/inf" + (f": the text encoder's weights do ({', '.join(weights)})"
+                                                  if weights else ""))
+    if is_half(unet):
+        return ("the UNet runs in float16/bfloat16 and overflowed: run it in float32 "
+                "(load_model(..., dtype=torch.float32) or model.model.float())")
+    if abs(plan.guidance_scale) > 30:
+        return (f"guidance_scale={plan.guidance_scale:g} amplifies the difference of the two predictions until it "
+                "overflows; SD works with about 1 to 20 (7.5 by default)")
+    return ("the model returned NaN/inf for finite inputs in float32 (its weights and the encoded prompts are "
+            "finite): an overflow inside the model")
 
 
 def encode_prompts(model, prompts: Sequence[str]) -> torch.Tensor:
@@ -213,11 +250,17 @@ class Plan:
             options.update(mask=mask, known=known)
         if start_step:
             options["start_step"] = start_step
-        return sample(eps_fn, x, self.model.alphas_cumprod, sampler=self.sampler, steps=self.steps,
-                      generator=batch.generators, callback=self.callback, progress=self.progress, **options)
+        try:
+            return sample(eps_fn, x, self.model.alphas_cumprod, sampler=self.sampler, steps=self.steps,
+                          generator=batch.generators, callback=self.callback, progress=self.progress, **options)
+        except FloatingPointError as e:
+            where = getattr(e, "location", f"sampler {self.sampler!r}: the sample became NaN/inf")
+            raise FloatingPointError(f"{where}: {explain_non_finite(self, cond, uncond)}") from e
 
     def decode(self, z: torch.Tensor, overlap: int = 8) -> torch.Tensor:
-        return decode(self.model, z, self.decode_tile, overlap)
+        """Latents -> pixels; with ``decode_tile`` in tiles overlapping by ``overlap`` latent pixels (at most half
+        a tile, so that any tile size works)."""
+        return decode(self.model, z, self.decode_tile, min(overlap, (self.decode_tile or 0) // 2))
 
     def result(self, pixels: list[torch.Tensor], latents: list[torch.Tensor],
                init_latents: list[torch.Tensor] | None = None, **extra) -> PipelineResult:
@@ -240,23 +283,38 @@ class Plan:
                 for i, (seed, image) in enumerate(zip(self.seeds, images))]
 
 
-def prepare(model, prompt: str | Sequence[str] | None, negative_prompt: str | Sequence[str] = "",
+def prepare(model, prompt: str | Sequence[str] | None, negative_prompt: str | Sequence[str] | None = "",
             num_images: int | None = None, *, steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
             guidance_scale: float = 7.5, eta: float = 0.0, seed: int | Sequence[int] | None = None,
             batch_size: int | None = None, callback: Callback | None = None, safety_checker=None,
             watermark: str | None = None, spacing: str = "compvis", karras: bool = False, progress: bool = True,
-            decode_tile: int | None = None, text: bool = True, **sampler_options) -> Plan:
+            decode_tile: int | None = None, text: bool = True, canvas: tuple[int, int] | None = None,
+            encode: bool = False, verb: str = "this request", **sampler_options) -> Plan:
     """Check the options every verb shares and settle them into a :class:`Plan` (nothing is computed yet).
 
-    ``text=False``: the model takes no prompt (a concat-only upscaler); guidance is then off."""
+    ``text=False``: the model takes no prompt (a concat-only upscaler); guidance is then off.
+    ``canvas``: the (height, width) in pixels the verb will decode (``encode``: and encode); a request that would
+    need more memory than is available is refused here, before anything is allocated
+    (:func:`sdkit.pipelines.memory.check_memory`)."""
     check_sampling_args(sampler, steps, guidance_scale)
     options = sampler_kwargs(sampler, spacing, karras, eta, **sampler_options)
     num_images = count_images(prompt, num_images)
     batch_size = check_count(num_images, batch_size)
+    decode_tile = check_decode_tile(decode_tile)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a function callback(step, total, x, x0_pred), got {callback!r:.60}")
+    guided = text and float(guidance_scale) != 1.0
+    if canvas is not None:
+        check_memory(model, num_images, min(batch_size, num_images), *canvas, guided=guided,
+                     decode_tile=decode_tile, encode=encode, verb=verb)
     prompts = negatives = None
     if text:
-        prompts = as_prompt_list("" if prompt is None else prompt, num_images)
-        negatives = as_prompt_list(negative_prompt, num_images, "negative_prompt")
+        if prompt is None:
+            raise TypeError('prompt must be a string or a list of strings (use "" for an unconditional image), '
+                            "got None")
+        prompts = as_prompt_list(prompt, num_images)
+        negatives = as_prompt_list("" if negative_prompt is None else negative_prompt, num_images,
+                                   "negative_prompt")
     return Plan(model, num_images, batch_size, resolve_seeds(seed, num_images), prompts, negatives,
                 float(guidance_scale) if text else 1.0, sampler, steps, options, callback, progress, decode_tile,
                 safety_checker, watermark)

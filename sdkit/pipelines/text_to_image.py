@@ -30,8 +30,7 @@ def txt2img(model, prompt: str | Sequence[str], *, negative_prompt: str | Sequen
       ``spacing``, ``karras``, ``decode_tile`` (decode in tiles of this many latent pixels), and any option of the
       sampler (``sdkit.samplers.sampler_options(name)``).
     """
-    plan = prepare(model, prompt, negative_prompt, num_images, **options)                 # 1. check the request
-    height = model.default_image_size if height is None else height                        # 2. the canvas
+    height = model.default_image_size if height is None else height                        # 1. the canvas
     width = model.default_image_size if width is None else width
     factor, multiple = model.vae_factor, model.unet_multiple
     for name, value in (("height", height), ("width", width)):
@@ -42,6 +41,8 @@ def txt2img(model, prompt: str | Sequence[str], *, negative_prompt: str | Sequen
                 f"{model.default_image_size}, {model.default_image_size + factor * multiple})")
     h, w = height // factor, width // factor
     shape = (int(model.channels), round_up(h, multiple), round_up(w, multiple))
+    plan = prepare(model, prompt, negative_prompt, num_images, canvas=(h * factor, w * factor),  # 2. the request
+                   verb="txt2img", **options)
     x_T = fixed_noise(x_T, plan.num_images, shape, "x_T", "the latent size rounded up to what the UNet takes")
 
     latents, pixels = [], []

@@ -6,7 +6,8 @@ factor is the upscaling factor (4 for the VQ-f4 BSR model). It was sampled with 
 """
 from __future__ import annotations
 
-from .images import image_tensor, pad_to_multiple
+from .. import checks
+from .images import image_tensor, pad_to_multiple, round_up
 from .plan import prepare
 
 AUTO_TILE = 64  # latent pixels: decode in tiles above this size (512 px of SD output; memory grows with area)
@@ -36,14 +37,20 @@ def upscale(model, low_res_image, prompt: str | None = None, *, num_images: int 
             "Load an upscaler config (e.g. tiny-upscaler-test), or use img2img on a resized image with SD.")
     hybrid = model.model.conditioning_key == "hybrid"
     if prompt is not None and not hybrid:
-        raise ValueError("this upscaler has no text conditioning (conditioning_key 'concat'); pass prompt=None")
-    plan = prepare(model, prompt, negative_prompt, num_images, text=hybrid,                # 1. check the request
-                   **{**DEFAULTS, **options})
-    lr, (height, width) = pad_to_multiple(image_tensor(low_res_image, "low_res_image"), model.unet_multiple)
+        raise ValueError("this upscaler has no text conditioning (conditioning_key 'concat'): give no prompt "
+                         "(prompt=None; on the command line, leave out --prompt)")
+    tile_overlap = checks.integer(tile_overlap, "tile_overlap", low=0, hint=" (latent pixels)")
+    lr = image_tensor(low_res_image, "low_res_image")
+    f = model.vae_factor
+    canvas = tuple(round_up(side, model.unet_multiple) * f for side in lr.shape[-2:])
+    options = {**DEFAULTS, **options}
+    if options.get("decode_tile") is None and max(canvas) > AUTO_TILE * f:
+        options["decode_tile"] = AUTO_TILE
+    plan = prepare(model, "" if prompt is None and hybrid else prompt, negative_prompt,   # 1. check the request
+                   num_images, text=hybrid, canvas=canvas, verb="upscale", **options)
+    lr, (height, width) = pad_to_multiple(lr, model.unet_multiple)
     lr = lr.to(model.device)                                                               # 2. the canvas
     shape = (int(model.channels), *lr.shape[-2:])
-    if plan.decode_tile is None:
-        plan.decode_tile = AUTO_TILE if max(shape[1:]) > AUTO_TILE else None
     overlap = tile_overlap if plan.decode_tile and tile_overlap < plan.decode_tile else 0
 
     latents, pixels = [], []

@@ -37,7 +37,7 @@ import warnings
 
 import torch
 
-from .common import check_inputs
+from .common import check_inpainting_inputs, check_inputs
 from .dpm_solver import library_alphas_cumprod
 from .grids import ddim_timesteps, sigma_grid
 from .compvis import DDIMSampler, DPMSolverSampler, PLMSSampler
@@ -67,6 +67,7 @@ SAMPLERS = {
     "unipc": sample_unipc,
 }
 
+ETA_ZERO_ONLY = ("plms",)   # takes eta, as CompVis' signature does, but only 0: it is deterministic
 
 # Which grid each sampler walks (see grids.py): the DDIM family's integer timesteps, the k or DPM σ grids, or the
 # DPM-Solver library's continuous time grid.
@@ -112,14 +113,15 @@ def check_options(sampler: str, options: dict) -> dict:
     if "eta" in options:
         eta = options["eta"]
         limit = 1.0 if sampler == "ddim" else math.inf   # DDIM's noise cannot exceed the posterior's (eta 1)
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= limit:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) \
+                or not 0.0 <= eta <= limit:
             raise ValueError(f"eta must be a number ≥ 0{' and ≤ 1' if limit == 1.0 else ''} (0 = deterministic), "
                              f"got {eta!r}")
+        if eta and ("eta" not in accepted or sampler in ETA_ZERO_ONLY):
+            with_eta = ", ".join(n for n in SAMPLERS if "eta" in sampler_options(n) and n not in ETA_ZERO_ONLY)
+            what = "is deterministic, so eta must be 0" if sampler in ETA_ZERO_ONLY else "has no eta option"
+            raise ValueError(f"sampler {sampler!r} {what} (got eta={eta}); the samplers with eta are: {with_eta}")
         if "eta" not in accepted:
-            if eta:
-                with_eta = ", ".join(n for n in SAMPLERS if "eta" in sampler_options(n))
-                raise ValueError(f"sampler {sampler!r} has no eta option (got eta={eta}); the samplers with eta "
-                                 f"are: {with_eta}")
             options.pop("eta")
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -142,6 +144,7 @@ def sample(eps_fn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str
         warnings.warn("disable_progress is deprecated; pass progress=False", DeprecationWarning, stacklevel=2)
         options["progress"] = not options.pop("disable_progress")
     options = check_options(sampler, options)
+    check_inpainting_inputs(x_T, options.get("mask"), options.get("known"))
     with torch.no_grad():
         return fn(eps_fn, x_T, alphas_cumprod, steps, **options)
 

@@ -20,18 +20,69 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
+def check_schedule(alphas_cumprod: torch.Tensor) -> None:
+    """ᾱ_t of a diffusion schedule: a float 1-D tensor, finite, inside (0, 1) and strictly decreasing (every
+    timestep adds noise). Anything else gives garbage or a math error deep in a sampler, so it is refused here."""
+    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.ndim != 1 or len(alphas_cumprod) < 2:
+        raise ValueError("alphas_cumprod must be a 1-D tensor of ᾱ_t for every training timestep "
+                         "(e.g. model.alphas_cumprod or sdkit.schedules.sd_v1_alphas_cumprod())")
+    if not alphas_cumprod.is_floating_point():
+        raise ValueError(f"alphas_cumprod must be a floating-point tensor (ᾱ_t in (0, 1)), got dtype "
+                         f"{alphas_cumprod.dtype}; e.g. sdkit.schedules.sd_v1_alphas_cumprod()")
+    ac = alphas_cumprod.detach().double().cpu()
+    bad = ~torch.isfinite(ac)
+    if bool(bad.any()):
+        raise ValueError(f"alphas_cumprod contains {int(bad.sum())} NaN/inf value(s) (first at timestep "
+                         f"{int(bad.nonzero()[0])}); every ᾱ_t must be a number in (0, 1)")
+    outside = (ac <= 0) | (ac >= 1)
+    if bool(outside.any()):
+        t = int(outside.nonzero()[0])
+        raise ValueError(f"alphas_cumprod must lie strictly between 0 and 1 (ᾱ_t = signal fraction at timestep t); "
+                         f"ᾱ[{t}] = {float(ac[t]):g}" + (" (zero-terminal-SNR schedules are not supported by these "
+                                                         "samplers: clip the last ᾱ to a small positive value)"
+                                                         if float(ac[t]) == 0.0 else ""))
+    rising = ac[1:] >= ac[:-1]
+    if bool(rising.any()):
+        t = int(rising.nonzero()[0]) + 1
+        raise ValueError(f"alphas_cumprod must decrease strictly with t (more noise at every step), but ᾱ[{t}] = "
+                         f"{float(ac[t]):g} ≥ ᾱ[{t - 1}] = {float(ac[t - 1]):g}"
+                         + (" (is it reversed? pass alphas_cumprod.flip(0))" if float(ac[-1]) > float(ac[0]) else ""))
+
+
 def check_inputs(x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int) -> None:
     """Fail early, with a message a person can act on, instead of deep inside a loop."""
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
         raise TypeError(f"x_T must be a floating-point tensor of noise, got {type(x_T).__name__}"
                         + (f" of dtype {x_T.dtype}" if isinstance(x_T, torch.Tensor) else ""))
-    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.ndim != 1 or len(alphas_cumprod) < 2:
-        raise ValueError("alphas_cumprod must be a 1-D tensor of ᾱ_t for every training timestep "
-                         "(e.g. model.alphas_cumprod or sdkit.schedules.sd_v1_alphas_cumprod())")
+    check_schedule(alphas_cumprod)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer (the number of sampling steps), got {steps!r}")
     if steps > len(alphas_cumprod):
         raise ValueError(f"steps={steps} is more than the {len(alphas_cumprod)} training timesteps of this schedule")
+    if x_T.numel() and not bool(torch.isfinite(x_T).all()):
+        raise ValueError(f"x_T contains {int((~torch.isfinite(x_T)).sum())} NaN/inf value(s) (of {x_T.numel()}); "
+                         "the starting noise must be finite, e.g. torch.randn(...)")
+
+
+def check_inpainting_inputs(x_T: torch.Tensor, mask, known) -> None:
+    """``mask`` (1 = repaint) in [0, 1] and ``known`` finite, both broadcastable to the sample's shape."""
+    check_inpainting(mask, known)
+    if mask is None:
+        return
+    for name, t in (("mask", mask), ("known", known)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        try:
+            torch.broadcast_shapes(t.shape, x_T.shape)
+        except RuntimeError:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, which does not broadcast to the sample's "
+                             f"{tuple(x_T.shape)}") from None
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains {int((~torch.isfinite(t)).sum())} NaN/inf value(s)")
+    if float(mask.min()) < 0 or float(mask.max()) > 1:
+        raise ValueError(f"mask values must lie in [0, 1] (1 = repaint, 0 = keep known), got "
+                         f"[{float(mask.min()):g}, {float(mask.max()):g}]")
 
 
 def time_dtype(x: torch.Tensor) -> torch.dtype:
@@ -111,10 +162,14 @@ class StepLoop:
         if not torch.isfinite(x).all():
             where = "" if self.timesteps is None else f" (model timestep {float(self.timesteps[i]):g})"
             self.bar.close()
-            raise FloatingPointError(
-                f"sampler {self.name!r}: the sample became NaN/inf at step {i + 1} of {self.total}{where}. "
-                "This usually means the model overflowed in float16/bfloat16: run the model in float32 "
-                "(model.float(), or --precision full), or check that eps_fn returns finite values.")
+            location = f"sampler {self.name!r}: the sample became NaN/inf at step {i + 1} of {self.total}{where}"
+            half = x.dtype in (torch.float16, torch.bfloat16)
+            error = FloatingPointError(
+                f"{location}: eps_fn returned NaN/inf, or values too large for the sampler's arithmetic; check that "
+                "it returns finite values for finite inputs"
+                + (f" (the sample is {x.dtype}: run in float32)" if half else ""))
+            error.location = location
+            raise error
         if self.callback is not None:
             self.callback(i, self.total, x * scale if scale != 1.0 else x, x0)
 
