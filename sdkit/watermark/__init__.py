@@ -67,6 +67,7 @@ __all__ = [
     "detection_threshold",
     "methods_for",
     "payload_bits",
+    "payload_bytes",
     "pnginfo",
     "read_file",
     "save_png",

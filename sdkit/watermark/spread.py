@@ -22,8 +22,8 @@ image, as in classic spread-spectrum watermarking (Cox et al. 1997):
   so it measures c on the marked, rounded, clipped result and pushes each cell whose coefficient disagrees with
   its bit by less than REACH levels until it agrees by MARGIN levels (8 rounds). Cells dominated by the image
   (an edge 20 levels strong) are left alone rather than damaged. Clipping needs no headroom: on white, the
-  positive half of the pattern clips away, but a cell darker than its neighbours is still a relative mark, so
-  the rounds darken the neighbours instead.
+  positive half of the pattern clips away, but what remains (cells darker than their neighbours) is still a
+  relative mark, and the rounds measure the clipped result and push until the margin holds.
 - **How it is read, and the false-positive rate.** For each place the image might have come from (the whole
   image, or a crop; see CROP_SCALES), the detector computes the cells' coefficients c_b, weights them as
   a_b = c_b exp(-c_b^2 / 2 GAMMA^2) (cells near the embedding margin count, cells an edge dominates do not), and
