@@ -9,6 +9,7 @@ to disk (fsync), and moved over the target in one rename.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -29,18 +30,44 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def check_writable(path: Path) -> None:
+    """Refuse to replace a read-only file: a rename would replace it anyway (the folder is what is written), and
+    for root even ``os.access`` says yes, so the file's own write bits are read."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"{str(path)!r} is a folder; give a file name")
+    if path.exists() and (not path.stat().st_mode & 0o222 or not os.access(path, os.W_OK)):
+        raise PermissionError(errno.EACCES, f"{str(path)!r} is read-only; make it writable (chmod u+w) or "
+                                            "write to another name")
+
+
+def check_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse, before writing, ``needed`` bytes that the file system of ``folder`` does not have free."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"not enough space to write {what}: it needs about {needed / 2**20:,.0f} MB, "
+                                    f"{free / 2**20:,.0f} MB are free in {str(folder)!r}; free some space or write "
+                                    "elsewhere")
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success move it over ``path`` in one step, else delete it."""
+    """Yield a temporary path next to ``path``; on success move it over ``path`` in one step, else delete it.
+
+    A read-only ``path`` is refused (PermissionError); an existing file keeps its permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path)
+    mode = (path.stat().st_mode & 0o7777) if path.exists() else 0o666 & ~_umask()
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         _fsync(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, mode)  # mkstemp makes 0600 files; give the usual (or the replaced file's) permissions
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

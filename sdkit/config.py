@@ -126,7 +126,7 @@ def load_config(name_or_path: str | Path | dict | DictConfig, overrides: Iterabl
                         f"got {type(name_or_path).__name__} {name_or_path!r:.60}")
     overrides = list(overrides)
     if overrides:
-        config = OmegaConf.merge(config, parse_overrides(overrides))
+        config = merge([config], overrides, [name_or_path if isinstance(name_or_path, (str, Path)) else "config"])
     return config
 
 
@@ -172,6 +172,22 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     return OmegaConf.merge(*parsed) if parsed else OmegaConf.create()
 
 
+def merge(configs: list, overrides: Iterable[str] = (), names: Iterable[str] = ()) -> DictConfig:
+    """Merge configs left to right, then ``key=value`` overrides; a clash of kinds (a mapping over a list, a key
+    into a value) is refused in words naming the configs."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    try:
+        return OmegaConf.merge(*configs, parse_overrides(overrides))
+    except (TypeError, OmegaConfBaseException) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"the configs {list(names)} and overrides {overrides} do not merge: "
+                          f"{' '.join(str(e).split())} (an override sets a key inside a list or a plain value?)") \
+            from None
+
+
 def model_section(config: DictConfig, name: str = "the config") -> DictConfig:
     """The ``model:`` section of a config, with its ``target``; a config without one is refused in words."""
     model = config.get("model") if isinstance(config, DictConfig) else None
@@ -183,5 +199,5 @@ def model_section(config: DictConfig, name: str = "the config") -> DictConfig:
 
 def merge_configs(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> DictConfig:
     """Merge configs left to right, then dotlist overrides, as CompVis main.py does with ``-b a.yaml -b b.yaml``."""
-    configs = [load_config(p) for p in paths]
-    return OmegaConf.merge(*configs, parse_overrides(overrides))
+    paths = list(paths)
+    return merge([load_config(p) for p in paths], overrides, paths)

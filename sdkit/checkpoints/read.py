@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,13 @@ def _read_pickle(path: Path, kind: str, unsafe: bool) -> tuple[dict, dict]:
         except (zipfile.BadZipFile, OSError) as e:
             raise _corrupt(path, f"broken zip archive: {e}") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=kind == "zip")
+        if path.suffix == ".safetensors":  # a pickle under a safetensors name: torch.load would go by the name
+            warnings.warn(f"{str(path)!r} is a PyTorch pickle, not a safetensors file, despite its name; reading "
+                          "it as a pickle (rename it .ckpt)", stacklevel=3)
+            with open(path, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=not unsafe)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=kind == "zip")
     except pickle.UnpicklingError as e:
         needed = _GLOBAL_RE.search(str(e))
         if unsafe or needed is None:
@@ -157,12 +164,12 @@ def _read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
     unet = vae = text = {}
     if "unet" in subfolders:
         config = _read_json(folder / "unet" / "config.json")
-        params = keys.unet_params_from_diffusers(config)
+        params = _from_config(keys.unet_params_from_diffusers, config, folder / "unet" / "config.json")
         unet = keys.unet_from_diffusers(_read_weights(folder / "unet", _WEIGHT_NAMES["unet"]), params)
         meta["unet_config"] = config
     if "vae" in subfolders:
         config = _read_json(folder / "vae" / "config.json")
-        ddconfig, _, scale = keys.ddconfig_from_diffusers(config)
+        ddconfig, _, scale = _from_config(keys.ddconfig_from_diffusers, config, folder / "vae" / "config.json")
         vae = keys.vae_from_diffusers(_read_weights(folder / "vae", _WEIGHT_NAMES["vae"]), ddconfig)
         meta["vae_config"], meta["scale_factor"] = config, scale
     if "text_encoder" in subfolders:
@@ -171,14 +178,30 @@ def _read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
     return keys.join_compvis(unet, vae, text), meta
 
 
+def _from_config(convert, config: dict, path: Path):
+    """A diffusers config.json read by ``convert``; a missing key or a wrong kind of value is named."""
+    try:
+        return convert(config)
+    except KeyError as e:
+        raise CheckpointError(f"{str(path)!r} lacks the key {e.args[0]!r} that the architecture needs; the folder "
+                              "is damaged or was written by another tool: compare it with the original") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{str(path)!r} has a value sdkit cannot use ({e})") from None
+
+
 def _read_json(path: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} is missing; a diffusers model folder needs a config.json next to "
                               "the weights to know the architecture.")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); the folder looks damaged.") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of settings")
+    return config
 
 
 def _read_weights(sub: Path, stem: str) -> dict:
@@ -192,7 +215,10 @@ def _read_weights(sub: Path, stem: str) -> dict:
     for name in candidates:
         index = sub / f"{name}.index.json"
         if index.exists():
-            shards = sorted(set(_read_json(index)["weight_map"].values()))
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{str(index)!r} has no 'weight_map' of shards; the folder looks damaged")
+            shards = sorted(set(weight_map.values()))
             state = {}
             for shard in shards:
                 state.update(read_checkpoint(sub / shard)[0])

@@ -1,13 +1,15 @@
 """Writing a CompVis single-file checkpoint (``.safetensors`` or a ``.ckpt`` pickle), atomically."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..atomic import atomic_file
+from .. import checks
+from ..atomic import atomic_file, check_space, check_writable
 
 COMPVIS_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
@@ -45,13 +47,26 @@ def save_compvis(model_or_state_dict: nn.Module | dict, path: str | os.PathLike,
     The file is written next to ``path`` under a temporary name and moved into place when complete.
     """
     path = Path(path)
+    if path.suffix not in COMPVIS_SUFFIXES:
+        raise ValueError(f"save_compvis writes .safetensors, .ckpt, .pt or .pth files, got {str(path)!r}")
+    check_writable(path)
+    if dtype is not None:
+        dtype = checks.dtype(dtype)
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     state = tensors_for_saving(state, dtype)
-    if path.suffix == ".safetensors":
-        save_safetensors(state, path)
-    elif path.suffix in (".ckpt", ".pt", ".pth"):
-        with atomic_file(path) as tmp:
-            torch.save({"state_dict": state}, tmp)
-    else:
-        raise ValueError(f"save_compvis writes .safetensors, .ckpt, .pt or .pth files, got {str(path)!r}")
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_space(path.parent, size, str(path))
+    try:
+        if path.suffix == ".safetensors":
+            save_safetensors(state, path)
+        else:
+            with atomic_file(path) as tmp:
+                torch.save({"state_dict": state}, tmp)
+    except RuntimeError as e:  # torch.save reports a full disk as "unexpected pos ..." from its zip writer
+        if not any(w in str(e) for w in ("unexpected pos", "PytorchStreamWriter", "write")):
+            raise
+        check_space(path.parent, size, str(path))
+        raise OSError(errno.EIO, f"writing {str(path)!r} failed ({' '.join(str(e).split())[:200]}); nothing was "
+                                 "replaced") from e
     return path

@@ -8,10 +8,11 @@
 Every verb is a few numbered steps over one shared skeleton (``plan.py``: check the request, encode the prompts,
 loop over batches, sample through ``sdkit.samplers.denoisers``, decode, finish). They take any sampler of
 ``sdkit.samplers.SAMPLERS`` with its options, classifier-free guidance with an optional negative prompt, one seed per
-image (batch-invariant), a per-step ``callback(step, total, x, x0_pred)`` (``latent_preview`` turns the x̂₀ latent
-into pictures), a tqdm progress bar (``progress=False`` hides it), and optional ``safety_checker`` (``sdkit.safety``)
-and ``watermark`` (a payload for ``sdkit.watermark``). Each returns a :class:`PipelineResult` (``.images``,
-``.latents``, ``.seeds``, ``.nsfw``). Masks mean 1 (white) = repaint, everywhere.
+image (its noise independent of the batch; ``plan.py`` says what holds exactly), a per-step
+``callback(step, total, x, x0_pred)`` (``latent_preview`` turns the x̂₀ latent into pictures), a tqdm progress bar
+(``progress=False`` hides it), and optional ``safety_checker`` (``sdkit.safety``) and ``watermark`` (a payload for
+``sdkit.watermark``). Each returns a :class:`PipelineResult` (``.images``, ``.latents``, ``.seeds``, ``.nsfw``).
+Masks mean 1 (white) = repaint, everywhere.
 """
 from ..lazy import lazy_exports
 

@@ -128,6 +128,8 @@ def tensor_image(x: torch.Tensor, what: str) -> torch.Tensor:
     if x.ndim != 4 or x.shape[:2] != (1, 3) or not x.is_floating_point():
         raise ValueError(f"{what} as a tensor must be float [3, H, W] or [1, 3, H, W] in [-1, 1], "
                          f"got {x.dtype} {shape}")
+    if x.numel() == 0:
+        raise ValueError(f"{what} is an empty tensor {shape}")
     checks.finite(x, what, "; an image tensor must hold finite values in [-1, 1]")
     x = x.detach().float().cpu()
     low, high = float(x.min()), float(x.max())

@@ -143,6 +143,8 @@ class ResilientCheckpointing(Callback):
             trainer.save_checkpoint(self.ckpt_dir / LAST)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.global_step == 0:   # nothing trained yet: a checkpoint would only hold the initial weights
+            return
         path = self.ckpt_dir / ON_EXCEPTION
         try:
             saved = save_local_checkpoint(trainer, path)

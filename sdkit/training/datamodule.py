@@ -245,8 +245,14 @@ class DataModule(L.LightningDataModule):
                  val_batch_size: int | None = None, wrap: bool = False, **unused: Any):
         super().__init__()
         if unused:
-            raise TypeError(f"DataModule got unknown parameters {sorted(unused)}; it takes batch_size, train, "
-                            f"validation, test, num_workers, seed, shuffle, val_batch_size")
+            raise ValueError(f"DataModule got unknown parameters {sorted(unused)}; it takes batch_size, train, "
+                             f"validation, test, num_workers, seed, shuffle, val_batch_size, wrap")
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.params.{name} must be a positive integer (samples per device and step), "
+                                 f"got {value!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.params.num_workers must be an integer ≥ 0, got {num_workers!r}")
         self.batch_size, self.num_workers, self.seed, self.shuffle = batch_size, num_workers, seed, shuffle
         self.val_batch_size = val_batch_size or batch_size
         self.dataset_configs = {"train": train, "validation": validation, "test": test}

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import difflib
 import glob
+import inspect
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -26,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import get_obj_from_str, instantiate_from_config, load_config
+from ..config import ConfigError, get_obj_from_str, instantiate_from_config, merge_configs
 
 RUN_DIR_ENV = "SDKIT_RUN_DIR"  # lets DDP ranks that Lightning starts find rank 0's run folder
 
@@ -244,6 +247,36 @@ def _split_base(args) -> tuple[list[str], list[str]]:
     return [b for b in bases if b not in moved], moved + overrides
 
 
+def check_config(config: DictConfig, bases: list[str]) -> None:
+    """What can be checked before anything is built: the sections, the learning rate, the batch size, the
+    Trainer's arguments and the callbacks' names (a typo there would otherwise be ignored or fail late)."""
+    import lightning as L
+
+    for section in ("model", "data"):
+        if not isinstance(config.get(section), DictConfig) or "target" not in config[section]:
+            raise ConfigError(f"the merged config has no {section!r} section with a target (configs: {bases}); "
+                              f"a training config has model: {{target, params}} and data: {{target, params}}")
+    lr = config.model.get("base_learning_rate", 1e-4)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+        raise ConfigError(f"model.base_learning_rate must be a positive number, got {lr!r}")
+    lightning_cfg = config.get("lightning") or OmegaConf.create()
+    trainer_kwargs = lightning_cfg.get("trainer") or {}
+    accepted = [n for n in inspect.signature(L.Trainer.__init__).parameters if n != "self"]
+    unknown = [k for k in trainer_kwargs if k not in accepted]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, accepted, 1))
+                             else "") for k in unknown]
+        raise ConfigError(f"lightning.trainer has unknown Trainer argument(s) {', '.join(hints)}; see "
+                          "lightning.pytorch.Trainer for the list")
+    defaults = default_callbacks(Path("."), "monitor", True)
+    for name, cb in (lightning_cfg.get("callbacks") or {}).items():
+        if cb is not None and name not in defaults and not (isinstance(cb, DictConfig) and cb.get("target")):
+            close = difflib.get_close_matches(str(name), list(defaults), 1)
+            raise ConfigError(f"lightning.callbacks.{name} has no target and is not one of the default callbacks "
+                              f"({', '.join(defaults)})" + (f"; did you mean {close[0]!r}?" if close else
+                                                             "; give it a target: (and params:)"))
+
+
 def run(args: argparse.Namespace) -> int:
     import lightning as L
 
@@ -257,30 +290,24 @@ def run(args: argparse.Namespace) -> int:
         bases = previous + bases
     elif not bases:
         raise SystemExit("sdkit train: give at least one config with -b CONFIG (or --resume RUN_FOLDER)")
-    config = OmegaConf.merge(*[load_config(b) for b in bases], OmegaConf.from_dotlist(overrides))
-    for section in ("model", "data"):
-        if section not in config:
-            raise KeyError(f"the merged config has no {section!r} section (configs: {bases})")
+    config = merge_configs(bases, overrides)
+    check_config(config, bases)
 
     run_dir = make_run_dir(args, bases) if not args.resume else run_dir
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    if _is_rank_zero():
-        for sub in ("checkpoints", "configs", "images"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        save_configs(config, run_dir, now)
-        print(f"run folder: {run_dir}")
-
     L.seed_everything(args.seed, workers=True)
-    data = instantiate_from_config(config.data)
-    if getattr(data, "seed", "absent") is None:
+    data = instantiate_from_config(config.data)          # everything is built before the run folder is made,
+    if getattr(data, "seed", "absent") is None:          # so a launch that fails here leaves nothing behind
         data.seed = args.seed
     module = build_module(config, learning_rate=float(config.model.get("base_learning_rate", 1e-4)),
                           seed=args.seed)
     module.run_config = OmegaConf.to_yaml(config)
     if hasattr(module, "use_cache_dir"):  # encoded data survives a restart (training/encoding_cache.py)
         module.use_cache_dir(run_dir / "cache", OmegaConf.to_yaml(config.data))
+    fresh = not args.resume and not run_dir.exists()
     previous_env = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP ranks Lightning starts during fit
+    trainer = None
     try:
         with warnings.catch_warnings():
             for pattern in QUIET:
@@ -288,7 +315,17 @@ def run(args: argparse.Namespace) -> int:
             trainer = build_trainer(config, run_dir, module, data, now)
             scale_lr = args.scale_lr if args.scale_lr is not None else bool(config.get("scale_lr", True))
             module.learning_rate = scaled_learning_rate(config, trainer, scale_lr)
+            if _is_rank_zero():
+                for sub in ("checkpoints", "configs", "images"):
+                    (run_dir / sub).mkdir(parents=True, exist_ok=True)
+                save_configs(config, run_dir, now)
+                print(f"run folder: {run_dir}")
             trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    except BaseException:
+        if fresh and _is_rank_zero() and run_dir.exists() and (trainer is None or trainer.global_step == 0):
+            shutil.rmtree(run_dir, ignore_errors=True)   # nothing was trained: leave no empty run folder behind
+            print(f"removed {run_dir}: the run failed before its first step", file=sys.stderr)
+        raise
     finally:
         if previous_env is None:
             os.environ.pop(RUN_DIR_ENV, None)
