@@ -10,7 +10,8 @@ samplers take it; σ-space samplers scale it by √(1+σ_max²) themselves. Ever
 same VP scaling (at σ = 0 that is x₀ itself).
 
 Common options: ``spacing`` ("compvis" = CompVis uniform +1, "leading", "trailing", "linspace"), ``karras``
-(σ-space samplers), ``eta`` (ddim, euler_a, dpmpp_2m_sde), ``generator`` (every random draw),
+(σ-space samplers), ``grid`` (dpmpp_*, unipc: "karras", "exponential", "ays", "fitted" σ grids, see grids.py),
+``eta`` (ddim, euler_a, dpmpp_2m_sde), ``generator`` (every random draw),
 ``callback(step, total, x, x0_pred)`` after every step (``step`` from 0), ``progress`` (False turns the tqdm
 bar off). Each sampler
 documents its own options (``help(SAMPLERS["unipc"])``). Unknown names or options raise ValueError.
@@ -44,7 +45,7 @@ from .compvis import DDIMSampler, DPMSolverSampler, PLMSSampler
 from .ddim import sample_ddim
 from .ddpm import sample_ddpm
 from .dpm_solver import sample_dpm_solver, sample_dpm_solver_pp
-from .dpmpp import sample_dpm_multistep, sample_dpmpp_2m, sample_dpmpp_2m_sde
+from .dpmpp import sample_dpm_multistep, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m
 from .euler import sample_euler, sample_euler_ancestral
 from .denoisers import cfg_eps_fn, denoiser
 from .heun import sample_heun
@@ -63,6 +64,7 @@ SAMPLERS = {
     "heun": sample_heun,
     "lms": sample_lms,
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_3m": sample_dpmpp_3m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "unipc": sample_unipc,
 }
@@ -72,14 +74,15 @@ ETA_ZERO_ONLY = ("plms",)   # takes eta, as CompVis' signature does, but only 0:
 # Which grid each sampler walks (see grids.py): the DDIM family's integer timesteps, the k or DPM σ grids, or the
 # DPM-Solver library's continuous time grid.
 GRID_FAMILY = {"ddpm": "ddim", "ddim": "ddim", "plms": "ddim", "euler": "k", "euler_a": "k", "heun": "k",
-               "lms": "k", "dpmpp_2m": "dpm", "dpmpp_2m_sde": "dpm", "unipc": "dpm", "dpm_solver": "library",
-               "dpm_solver++": "library"}
+               "lms": "k", "dpmpp_2m": "dpm", "dpmpp_3m": "dpm", "dpmpp_2m_sde": "dpm", "unipc": "dpm",
+               "dpm_solver": "library", "dpm_solver++": "library"}
 
 
 def noise_levels(sampler: str, alphas_cumprod: torch.Tensor, steps: int, **options) -> torch.Tensor:
     """ᾱ of the sample each step of ``sampler`` starts from (float64, one value per step, highest noise first).
 
-    Takes the sampler's grid options (``spacing``, ``karras``, ``timesteps``, ``skip_type``, ``discretization``);
+    Takes the sampler's grid options (``spacing``, ``karras``, ``grid``, ``timesteps``, ``skip_type``,
+    ``discretization``);
     others are ignored. ``start_step=k`` with ``x_T = √ᾱ_k x₀ + √(1−ᾱ_k) ε`` (ᾱ_k = ``noise_levels(…)[k]``)
     starts the sampler part-way down, e.g. for img2img."""
     _lookup(sampler)
@@ -95,7 +98,7 @@ def noise_levels(sampler: str, alphas_cumprod: torch.Tensor, steps: int, **optio
         return ac[torch.from_numpy(ts.copy())]
     if family == "library":
         return library_alphas_cumprod(ac, steps, get("skip_type"))
-    sigmas, _ = sigma_grid(ac, steps, get("spacing"), bool(get("karras")), family)
+    sigmas, _ = sigma_grid(ac, steps, get("spacing"), bool(get("karras")), family, grid=get("grid"))
     return 1.0 / (1.0 + sigmas[:-1] ** 2)
 
 

@@ -200,12 +200,14 @@ def blend_known_sigma(x: torch.Tensor, known: torch.Tensor | None, mask: torch.T
 
 
 def prepare_sigma_sampler(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int,
-                          spacing: str, karras: bool, family: str, final: str = "zero", start_step: int = 0):
+                          spacing: str, karras: bool, family: str, final: str = "zero", start_step: int = 0,
+                          grid=None):
     """Grid, starting sample and denoiser for a σ-space sampler: returns (x, sigmas, timesteps, denoise).
 
-    ``start_step`` drops the first grid steps (img2img): x_T is then the VP sample at σ = sigmas[start_step]."""
+    ``start_step`` drops the first grid steps (img2img): x_T is then the VP sample at σ = sigmas[start_step].
+    ``grid`` names a σ grid instead of the spacing's timesteps (``grids.sigma_grid``)."""
     from .grids import sigma_grid
-    sigmas, ts = sigma_grid(alphas_cumprod, steps, spacing, karras, family, final)
+    sigmas, ts = sigma_grid(alphas_cumprod, steps, spacing, karras, family, final, grid)
     check_start_step(start_step, len(ts))
     sigmas, ts = sigmas[start_step:], ts[start_step:]
     return start_sigma_sampler(x_T, sigmas), sigmas, ts, sigma_denoiser(eps_fn, sigmas, ts)

@@ -1,9 +1,10 @@
 """Multistep DPM-Solver / DPM-Solver++ on a discrete σ grid (Lu et al. 2022a/b), the way diffusers'
-DPMSolverMultistepScheduler discretises it: DPM++ 2M, DPM++ 2M SDE, and orders 1–3.
+DPMSolverMultistepScheduler discretises it: DPM++ 2M, DPM++ 3M, DPM++ 2M SDE, and orders 1–3.
 
 Written in σ-space (x = x_t/α_t, λ = −log σ, h = λ_next − λ), where the VP formulas lose their α factors.
 Warm-up uses lower orders; the step onto σ = 0 is first order (it returns x̂₀), and with ``lower_order_final``
 grids of fewer than 15 steps also take their second-to-last step at order ≤ 2 ("stabilising trick").
+``grid`` ("karras", "exponential", "ays", "fitted"; see ``grids.py``) walks a named σ grid instead of the spacing's.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def _sde_update(x, ms, lams, sigma, sigma_next, k, solver_type, eta, noise):
 
 def sample_dpm_multistep(eps_fn, x_T, alphas_cumprod, steps=20, *, order=2, algorithm="dpmsolver++",
                          solver_type="midpoint", lower_order_final=True, final=None, eta=1.0, spacing="compvis",
-                         karras=False, generator=None, callback=None, progress=True, name=None,
+                         karras=False, grid=None, generator=None, callback=None, progress=True, name=None,
                          mask=None, known=None, start_step=0):
     """Multistep DPM-Solver(++) of ``order`` 1–3 (``sde-dpmsolver++``: 1–2). ``final`` is the last σ: "zero"
     (default for the data-prediction algorithms) or "sigma_min" (the only choice for noise prediction, as in
@@ -95,7 +96,7 @@ def sample_dpm_multistep(eps_fn, x_T, alphas_cumprod, steps=20, *, order=2, algo
         raise ValueError("noise-prediction DPM-Solver cannot step onto σ = 0; use final='sigma_min' or dpmsolver++")
     check_inpainting(mask, known)
     x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "dpm", final,
-                                                   start_step)
+                                                   start_step, grid)
     n = len(ts)
     ms, lams = [], []
     loop = StepLoop(name or algorithm, n, callback, progress, ts)
@@ -118,23 +119,36 @@ def sample_dpm_multistep(eps_fn, x_T, alphas_cumprod, steps=20, *, order=2, algo
     return x * vp_scale(sigmas[-1])
 
 
-def sample_dpmpp_2m(eps_fn, x_T, alphas_cumprod, steps=20, *, spacing="compvis", karras=False,
+def sample_dpmpp_2m(eps_fn, x_T, alphas_cumprod, steps=20, *, spacing="compvis", karras=False, grid=None,
                     lower_order_final=True, solver_type="midpoint", generator=None, callback=None,
                     progress=True, mask=None, known=None, start_step=0):
     """DPM-Solver++(2M): == diffusers DPMSolverMultistepScheduler's defaults (and k-diffusion dpmpp_2m)."""
     return sample_dpm_multistep(eps_fn, x_T, alphas_cumprod, steps, order=2, algorithm="dpmsolver++",
                                 solver_type=solver_type, lower_order_final=lower_order_final, spacing=spacing,
-                                karras=karras, generator=generator, callback=callback,
+                                karras=karras, grid=grid, generator=generator, callback=callback,
                                 progress=progress, name="dpmpp_2m", mask=mask, known=known,
                                 start_step=start_step)
 
 
+def sample_dpmpp_3m(eps_fn, x_T, alphas_cumprod, steps=20, *, spacing="compvis", karras=False, grid=None,
+                    lower_order_final=True, solver_type="midpoint", final="zero", generator=None, callback=None,
+                    progress=True, mask=None, known=None, start_step=0):
+    """DPM-Solver++(3M), third-order multistep: == diffusers DPMSolverMultistepScheduler(solver_order=3) on the same
+    grid. Warm-up at orders 1 and 2; with ``lower_order_final`` (default) grids under 15 steps take their last
+    two steps at orders 1 and 2. ``final``: the last σ, "zero" or "sigma_min"."""
+    return sample_dpm_multistep(eps_fn, x_T, alphas_cumprod, steps, order=3, algorithm="dpmsolver++",
+                                solver_type=solver_type, lower_order_final=lower_order_final, final=final,
+                                spacing=spacing, karras=karras, grid=grid, generator=generator, callback=callback,
+                                progress=progress, name="dpmpp_3m", mask=mask, known=known,
+                                start_step=start_step)
+
+
 def sample_dpmpp_2m_sde(eps_fn, x_T, alphas_cumprod, steps=20, *, eta=1.0, spacing="compvis", karras=False,
-                        lower_order_final=True, solver_type="midpoint", generator=None, callback=None,
+                        grid=None, lower_order_final=True, solver_type="midpoint", generator=None, callback=None,
                         progress=True, mask=None, known=None, start_step=0):
     """DPM-Solver++(2M) SDE: == DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") at eta = 1."""
     return sample_dpm_multistep(eps_fn, x_T, alphas_cumprod, steps, order=2, algorithm="sde-dpmsolver++",
                                 solver_type=solver_type, lower_order_final=lower_order_final, eta=eta,
-                                spacing=spacing, karras=karras, generator=generator, callback=callback,
+                                spacing=spacing, karras=karras, grid=grid, generator=generator, callback=callback,
                                 progress=progress, name="dpmpp_2m_sde", mask=mask, known=known,
                                 start_step=start_step)

@@ -1,6 +1,8 @@
 """UniPC (Zhao et al. 2023): a multistep predictor (UniP) plus a corrector (UniC) that reuses the next model call,
 so it costs 1 NFE per step. Data-prediction form with B(h) = e^{h}−1 ("bh2") or h ("bh1"); == diffusers
 UniPCMultistepScheduler (order 2, bh2, lower_order_final) on the same grid. Written in σ-space (λ = −log σ).
+``order=3`` with ``grid="exponential"`` or ``grid="fitted"`` (see ``grids.py``) is the most accurate
+configuration at 10 model calls on the closed-form benchmark (``benchmarks/sampler_accuracy.py``).
 """
 from __future__ import annotations
 
@@ -45,10 +47,11 @@ def _update(x, ms, lams, lam_t, sigma_s, sigma_t, order, solver_type, model_t=No
 
 
 def sample_unipc(eps_fn, x_T, alphas_cumprod, steps=20, *, order=2, solver_type="bh2", lower_order_final=True,
-                 disable_corrector=(), final="zero", spacing="compvis", karras=False, generator=None, callback=None,
-                 progress=True, mask=None, known=None, start_step=0):
+                 disable_corrector=(), final="zero", spacing="compvis", karras=False, grid=None, generator=None,
+                 callback=None, progress=True, mask=None, known=None, start_step=0):
     """UniPC-``order`` (1–3). ``disable_corrector``: step indices whose result is not corrected. ``final``: the
-    last σ, "zero" or "sigma_min" (the smallest training σ; then the result is the VP sample there).
+    last σ, "zero" or "sigma_min" (the smallest training σ; then the result is the VP sample there). ``grid``: a
+    named σ grid instead of the spacing's ("karras", "exponential", "ays", "fitted").
     With ``mask``/``known`` the known region is set before each model call and again after the corrector."""
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"unknown solver_type {solver_type!r}; choose one of {SOLVER_TYPES}")
@@ -56,7 +59,7 @@ def sample_unipc(eps_fn, x_T, alphas_cumprod, steps=20, *, order=2, solver_type=
         raise ValueError(f"UniPC supports orders 1 to 3, got order={order}")
     check_inpainting(mask, known)
     x, sigmas, ts, denoise = prepare_sigma_sampler(eps_fn, x_T, alphas_cumprod, steps, spacing, karras, "dpm",
-                                                 final, start_step)
+                                                 final, start_step, grid)
     n = len(ts)
     ms, lams, this_order, last_x = [], [], 1, None
     loop = StepLoop("unipc", n, callback, progress, ts)
