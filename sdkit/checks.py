@@ -103,8 +103,11 @@ def texts(value: Any, n: int, name: str = "prompt") -> list[str]:
     """``value`` as n strings: one string for all, or a list of n strings (one per image)."""
     if isinstance(value, str):
         return [text(value, name)] * n
-    if isinstance(value, (bytes, bytearray)) or value is None or not hasattr(value, "__iter__"):
-        text(value, name)  # raises the type error
+    if not isinstance(value, (list, tuple)):
+        if isinstance(value, (bytes, bytearray)) or value is None or not hasattr(value, "__iter__"):
+            text(value, name)  # raises the type error
+        raise TypeError(f"{name} must be a string or a list of {n} strings (one per image), got a "
+                        f"{type(value).__name__}")
     listed = list(value)
     if len(listed) != n:
         raise ValueError(f"{name} must be a string or a list of {n} strings (one per image); got a list of "

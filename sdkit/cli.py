@@ -14,6 +14,8 @@ def _convert(args: argparse.Namespace) -> int:
     from .checkpoints.write_compvis import COMPVIS_SUFFIXES
 
     out = os.path.abspath(args.out)         # everything that can be refused is, before the model is built
+    if args.to == "compvis" and os.path.isdir(out):
+        raise IsADirectoryError(f"{args.out!r} is a folder; --to compvis writes one file (e.g. model.safetensors)")
     if args.to == "compvis" and not out.endswith(COMPVIS_SUFFIXES):
         raise ValueError(f"--to compvis writes a {' / '.join(COMPVIS_SUFFIXES)} file; {args.out!r} has none of "
                          "these suffixes")
@@ -22,8 +24,6 @@ def _convert(args: argparse.Namespace) -> int:
             raise ValueError("--half applies to --to compvis only (a diffusers folder is written in float32)")
         if os.path.isfile(out):
             raise FileExistsError(f"{args.out!r} is a file; --to diffusers writes a folder")
-    elif os.path.isdir(out):
-        raise IsADirectoryError(f"{args.out!r} is a folder; --to compvis writes one file (e.g. model.safetensors)")
     if not os.path.exists(args.ckpt):
         raise FileNotFoundError(f"no checkpoint {args.ckpt!r} (a .ckpt, .safetensors or a diffusers folder)")
     parent = os.path.dirname(out)

@@ -90,7 +90,7 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     return state, metadata
 
 
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)")
 
 
 def _read_pickle(path: Path, kind: str, unsafe: bool) -> tuple[dict, dict]:
@@ -110,9 +110,16 @@ def _read_pickle(path: Path, kind: str, unsafe: bool) -> tuple[dict, dict]:
             obj = torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=kind == "zip")
     except pickle.UnpicklingError as e:
         needed = _GLOBAL_RE.search(str(e))
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        detail = detail.group(1).strip() if detail else _first_line(e)
+        if not unsafe and needed is None and "Unsupported" in detail:
+            raise CheckpointError(
+                f"{str(path)!r} is a pickle that weights-only unpickling cannot read ({detail}): not a plain "
+                "PyTorch checkpoint, or one written with another pickle protocol. sdkit loads pickles with "
+                "torch.load(weights_only=True) because full unpickling can run arbitrary code from the file; if you "
+                "trust where it comes from, load it with unsafe_pickle=True, or use a .safetensors version.") from e
         if unsafe or needed is None:
-            detail = re.search(r"WeightsUnpickler error: *([^\n]*)", str(e))
-            raise _corrupt(path, "unpickling failed: " + (detail.group(1) if detail else _first_line(e))) from e
+            raise _corrupt(path, "unpickling failed: " + detail) from e
         raise CheckpointError(
             f"checkpoint {str(path)!r} contains pickled Python objects besides tensors (first one: "
             f"{needed.group(1)}), e.g. Lightning callbacks or optimizer "

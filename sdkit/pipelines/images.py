@@ -138,7 +138,7 @@ def tensor_image(x: torch.Tensor, what: str) -> torch.Tensor:
                 else "rescale it to [-1, 1] (the CompVis convention)")
         raise ValueError(f"{what} tensor values range from {low:g} to {high:g}, but images are taken in [-1, 1]: "
                          f"{hint}")
-    if low >= 0 and x.numel() > 3:
+    if low >= 0 and high > 0.5 and x.numel() > 3:   # a bright image or a [0, 1] one: say which is expected
         warnings.warn(f"{what}: every value of the tensor is ≥ 0 (range {low:g} to {high:g}); image tensors are "
                       "taken in [-1, 1], so a [0, 1] image comes out washed out: pass x * 2 - 1",
                       UserWarning, stacklevel=4)
