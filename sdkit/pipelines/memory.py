@@ -1,21 +1,25 @@
 """How much memory a request needs, estimated from the model's widths and the image size before anything is
 allocated, so that a request too big for the machine is refused with the estimate and a smaller one that fits.
 
-Measured on SD v1 (random weights, float32, CPU, peak resident memory above the loaded model):
+Measured (float32, CPU, one thread, peak resident memory above the loaded model, one part per process):
 
-==================  ===========================  =====================================================
-part                measured                     estimate used here
-==================  ===========================  =====================================================
-VAE decoder         3.7 KB per output pixel      4 maps of the widest full-resolution feature (256 ch)
-VAE encoder         3.0 KB per input pixel       6 maps of its widest full-resolution feature (128 ch)
-UNet                20 KB per latent pixel       16 maps of the first level's width (320 ch), per item
-                    per item (batch 2 = 2×)      of the batch, twice with guidance
-outputs             —                            per image: the float pixels, their copies while
-                                                 finishing and the PIL image (51 B per pixel), latents
-==================  ===========================  =====================================================
+==============  ==================================  ==========================================================
+part            measured                            estimate used here
+==============  ==================================  ==========================================================
+VAE decoder     SD v1: 3.7 KB per output pixel;     4 maps of the widest full-resolution feature (SD: 256 ch,
+                tiny: 0.8 KB (1024² px: 781 MB)     4 KB; tiny: 64 ch, 1 KB)
+VAE encoder     SD v1: 3.0 KB per input pixel;      6 maps of its widest full-resolution feature (SD: 128 ch,
+                tiny: 0.6 KB (1024² px: 646 MB)     3 KB; tiny: 32 ch, 0.75 KB)
+UNet            SD v1: 20 KB per latent pixel per   32 maps of the first level's width per latent pixel and
+                item (marginal, 32² → 64²);         item, twice with guidance (SD: 40 KB; tiny: 8 KB)
+                tiny: 7 KB (marginal, 128² → 256²)
+outputs         —                                   per image: the float pixels, their copies while finishing
+                                                    and the PIL image (51 B per pixel), and the latents
+==============  ==================================  ==========================================================
 
-The estimate is of the same order as the truth (0 to 10% above it for SD v1), which is what refusing needs: a
-request is refused only when the estimate exceeds what the machine has available right now.
+So the estimate is of the order of the truth, up to 2× above it: what refusing needs. A request is refused only
+when the estimate exceeds what the machine has available right now. Time is not estimated: self-attention at the
+UNet's first level costs time quadratic in the latent pixels, so a request that fits can still take hours.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from .images import round_up
 FLOAT = 4                 # bytes: the pipelines compute in float32
 DECODER_MAPS = 4          # feature maps of the widest full-resolution width alive at the decoder's peak
 ENCODER_MAPS = 6          # ... and at the encoder's (its widest map is narrower, more of them are alive)
-UNET_MAPS = 16            # feature maps of the first level's width per latent pixel (with the skips kept)
+UNET_MAPS = 32            # feature maps of the first level's width per latent pixel (with the skips kept)
 OUTPUT_BYTES = 51         # per output pixel: float pixels 12, their cat 12, finish's temporaries 24, PIL 3
 
 
