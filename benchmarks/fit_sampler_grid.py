@@ -15,7 +15,9 @@ not in it either), so the table's numbers for grid="fitted" are not numbers the 
     .venv/bin/python benchmarks/fit_sampler_grid.py              # 5, 10 and 20 steps; prints the grids
     .venv/bin/python benchmarks/fit_sampler_grid.py --steps 10 --maxfev 500
 
-Takes a few minutes per step count on 2 CPU cores (scipy's Powell, a few thousand sampler runs).
+The stored grids come from ``--steps 10`` (2000 evaluations, 13 min on 2 busy cores: training RMS error 8.9e-3 on
+the exponential grid, 1.5e-3 fitted) and ``--steps 5 20 --maxfev 3000`` (5 steps: 1.6e-1 -> 3.1e-2, Powell stopped
+after 264 evaluations; 20 steps: 1.3e-3 -> 9.0e-5, 29 min).
 """
 from __future__ import annotations
 
