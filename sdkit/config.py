@@ -70,6 +70,8 @@ def instantiate_from_config(config: Any, **extra: Any) -> Any:
     if not isinstance(config, dict) or "target" not in config:
         raise ConfigError(f"expected a config with a 'target' key (and optional 'params'), got {config!r:.200}")
     params = config.get("params") or {}
+    if isinstance(params, DictConfig):   # a plain dict whose params are still an omegaconf node
+        params = OmegaConf.to_container(params, resolve=True)
     if not isinstance(params, dict):
         raise ConfigError(f"the params of target {config['target']!r} must be a mapping of argument names to "
                           f"values, got {params!r:.100}")

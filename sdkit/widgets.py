@@ -10,6 +10,7 @@ The mask painter draws with the mouse on an ipycanvas Canvas; ``.mask`` is the p
 """
 from __future__ import annotations
 
+import base64
 import io
 import time
 from abc import ABC, abstractmethod
@@ -28,6 +29,15 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def still_png(image: Image.Image, width: str | int | None = None) -> str:
+    """Base64 PNG of ``image``, enlarged with sharp pixels to ``width`` (e.g. "256px"): the static copy of a widget's
+    picture that notebooks keep in their stored output, where JupyterLab shows the live widget instead."""
+    size = int(str(width).removesuffix("px")) if width else image.width
+    if size > image.width:
+        image = image.resize((size, round(image.height * size / image.width)), Image.NEAREST)
+    return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def image_widget(size: int) -> widgets.Image:
@@ -52,6 +62,7 @@ class Explorer(ABC):
         self.image = image_widget(display_size)
         self.status = widgets.Label()
         self.result = None
+        self.shown: Image.Image | None = None     # the image the widget shows now
         self.renders = 0
         self.widget: widgets.Widget | None = None
 
@@ -73,6 +84,7 @@ class Explorer(ABC):
 
     def show_image(self, image: Image.Image) -> None:
         self.image.value = png_bytes(image)
+        self.shown = image
 
     def render(self, change=None) -> None:
         """Run the pipeline with the current controls, showing every step's x̂₀, then the result."""
@@ -95,6 +107,8 @@ class Explorer(ABC):
     def _repr_mimebundle_(self, include=None, exclude=None):
         bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude)
         bundle["text/plain"] = f"{type(self).__name__}({self.describe()})"   # stable text for nbval
+        if self.shown is not None:   # a still of the last image, for readers without a kernel (GitHub, nbviewer)
+            bundle["image/png"] = still_png(self.shown, self.image.layout.width)
         return bundle
 
 
@@ -257,6 +271,7 @@ class MaskPainter:
         bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude)
         bundle["text/plain"] = f"MaskPainter({self.image.width}×{self.image.height}, {int(self.mask_array.sum())} " \
                                "pixels painted)"
+        bundle["image/png"] = still_png(Image.fromarray(self.overlay()))
         return bundle
 
 

@@ -108,3 +108,34 @@ def test_inpaint_explorer_uses_the_painted_mask(model):
     assert np.array_equal(pixels(explorer.result.images[0]), pixels(expected))
     far = explorer.painter.mask_array == 0
     assert np.array_equal(pixels(explorer.result.images[0])[far], pixels(image)[far])   # composited back
+
+
+def test_the_repr_keeps_a_still_of_the_last_image_for_readers_without_a_kernel(model):
+    import base64
+    import io
+
+    from PIL import Image
+
+    explorer = Txt2ImgExplorer(model, "a red circle", **FAST)
+    bundle = explorer._repr_mimebundle_()
+    still = Image.open(io.BytesIO(base64.b64decode(bundle["image/png"])))
+    assert still.size == (256, 256)                                   # the widget's display size
+    small = still.resize(explorer.result.images[0].size, Image.NEAREST)
+    assert np.array_equal(pixels(small), pixels(explorer.result.images[0]))   # the final image, enlarged
+    painter = MaskPainter(explorer.result.images[0], scale=4)
+    painter.paint(8, 8)
+    overlay = Image.open(io.BytesIO(base64.b64decode(painter._repr_mimebundle_()["image/png"])))
+    assert np.array_equal(np.asarray(overlay), painter.overlay())
+
+
+@pytest.mark.parametrize("notebook", ["00_tour", "08_inpainting_and_outpainting"])
+def test_stored_widget_outputs_show_an_image_without_a_kernel(notebook):
+    """Every stored widget output (a live view) also carries an image/png still, which GitHub and nbviewer show."""
+    import json
+    from pathlib import Path
+
+    cells = json.loads((Path(__file__).parents[1] / "notebooks" / f"{notebook}.ipynb").read_text())["cells"]
+    outputs = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])
+               if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert outputs, "the notebook has no widget output"
+    assert all("image/png" in o["data"] for o in outputs)
