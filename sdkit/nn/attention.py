@@ -39,6 +39,11 @@ def _split_heads(t, heads):
     return t.reshape(b, n, heads, -1).transpose(1, 2)
 
 
+def _pointwise(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv applied to tokens [b, n, c_in] -> [b, n, c_out] (the same numbers as the conv on the pixels)."""
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+
 class GEGLU(nn.Module):
     """Gated GELU: one projection to 2*dim_out, split into value and gate, value * gelu(gate)."""
 
@@ -201,14 +206,16 @@ class SpatialTransformer(nn.Module):
     def forward(self, x, context=None):
         if not isinstance(context, (list, tuple)):
             context = [context] * len(self.transformer_blocks)
-        b, _, h, w = x.shape
+        b, c, h, w = x.shape
+        # The 1x1 convs act on each pixel's channels: applied to the tokens [b, h·w, c] as matrix products with
+        # the conv weights (the checkpoint keeps the conv shapes). The tokens are contiguous for the blocks, and
+        # the output comes back in x's own layout: a channels-last view of the tokens reaching the next 3x3 conv
+        # would make every later conv re-lay its (up to 118 MB) weight out per call.
         x_in = x
-        x = self.proj_in(self.norm(x))
-        x = x.flatten(2).transpose(1, 2)  # b c h w -> b (h w) c
+        x = _pointwise(self.proj_in, self.norm(x).flatten(2).transpose(1, 2))  # b c h w -> b (h w) c
         for block, block_context in zip(self.transformer_blocks, context):
             x = block(x, context=block_context)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
-        return self.proj_out(x) + x_in
+        return x_in + _pointwise(self.proj_out, x).transpose(1, 2).view(b, c, h, w)
 
 
 class SpatialSelfAttention(nn.Module):
