@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdkit.nn.attention import SpatialTransformer, run_checkpointed, zero_module
+from sdkit.nn.conv import Conv2d, upsample_conv
 
 __all__ = [
-    "timestep_embedding", "GroupNorm32", "normalization", "zero_module", "TimestepBlock", "TimestepEmbedSequential",
+    "timestep_embedding", "Conv2d", "GroupNorm32", "normalization", "zero_module", "TimestepBlock",
+    "TimestepEmbedSequential",
     "Upsample", "Downsample", "ResBlock", "AttentionBlock", "QKVAttention", "QKVAttentionLegacy", "UNetModel",
 ]
 
@@ -99,11 +101,12 @@ class Upsample(nn.Module):
         self.use_conv = use_conv
         self.dims = dims
         if use_conv:
-            self.conv = nn.Conv2d(self.channels, self.out_channels, 3, padding=padding)
+            self.conv = Conv2d(self.channels, self.out_channels, 3, padding=padding)
 
     def forward(self, x):
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        return self.conv(x) if self.use_conv else x
+        if self.use_conv:
+            return upsample_conv(x, self.conv)
+        return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 class Downsample(nn.Module):
@@ -117,7 +120,7 @@ class Downsample(nn.Module):
         self.use_conv = use_conv
         self.dims = dims
         if use_conv:
-            self.op = nn.Conv2d(self.channels, self.out_channels, 3, stride=2, padding=padding)
+            self.op = Conv2d(self.channels, self.out_channels, 3, stride=2, padding=padding)
         elif self.channels != self.out_channels:
             raise ValueError(
                 f"Downsample without a conv cannot change channels ({channels} -> {out_channels}); set use_conv=True."
@@ -160,7 +163,7 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
 
         self.in_layers = nn.Sequential(
-            normalization(channels), NormSiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+            normalization(channels), NormSiLU(), Conv2d(channels, self.out_channels, 3, padding=1)
         )
         self.updown = up or down
         if up:
@@ -178,14 +181,14 @@ class ResBlock(TimestepBlock):
             normalization(self.out_channels),
             NormSiLU(),
             nn.Dropout(p=dropout),
-            zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
+            zero_module(Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
         )
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
         elif use_conv:
-            self.skip_connection = nn.Conv2d(channels, self.out_channels, 3, padding=1)
+            self.skip_connection = Conv2d(channels, self.out_channels, 3, padding=1)
         else:
-            self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
+            self.skip_connection = Conv2d(channels, self.out_channels, 1)
 
     def forward(self, x, emb):
         return run_checkpointed(self._forward, x, emb, enabled=self.use_checkpoint, module=self)
@@ -423,16 +426,16 @@ class UNetModel(nn.Module):
         self._feature_size += ch
         ch = self._build_decoder(blocks, skip_channels, ch)
         self.out = nn.Sequential(
-            normalization(ch), NormSiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+            normalization(ch), NormSiLU(), zero_module(Conv2d(model_channels, out_channels, 3, padding=1))
         )
         if self.predict_codebook_ids:
-            self.id_predictor = nn.Sequential(normalization(ch), nn.Conv2d(model_channels, n_embed, 1))
+            self.id_predictor = nn.Sequential(normalization(ch), Conv2d(model_channels, n_embed, 1))
 
     def _build_encoder(self, blocks: "_BlockMaker") -> tuple[list[int], int]:
         """conv_in, then per level num_res_blocks ResBlocks (+ attention), then a downsample. Returns the channels
         of every encoder output (the skip connections) and the channels at the bottom."""
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(self.in_channels, self.model_channels, 3, padding=1))]
+            [TimestepEmbedSequential(Conv2d(self.in_channels, self.model_channels, 3, padding=1))]
         )
         self._feature_size = self.model_channels
         skip_channels = [self.model_channels]
