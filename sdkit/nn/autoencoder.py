@@ -21,6 +21,7 @@ from torch import nn
 
 # LinAttnBlock (attn_type="linear") is the bare LinearAttention with one wide head: no norm, no residual, as in CompVis.
 from sdkit.nn.attention import LinAttnBlock, SpatialSelfAttention
+from sdkit.nn.conv import upsample_conv
 from sdkit.nn.distributions import DiagonalGaussianDistribution
 from sdkit.nn.quantize import VectorQuantizer
 
@@ -34,6 +35,20 @@ def fresh_nonlinearity(x: torch.Tensor) -> torch.Tensor:
     """SiLU of a tensor nothing else holds (a norm's output): in place when no gradient is recorded, which saves
     one activation-sized buffer per block at inference (autograd needs the input, so it stays out of place then)."""
     return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+CHANNELS_LAST_MIN_POSITIONS = 8192   # batch · height · width; measured on 2 CPU cores (torch 2.13, oneDNN)
+
+
+def _cpu_layout(h: torch.Tensor) -> torch.Tensor:
+    """The decoder's feature maps on the CPU: channels-last from 8192 positions (batch · height · width) on, NCHW
+    below (the same values either way). oneDNN convolves NHWC tensors as they are, while NCHW ones are re-laid out
+    to its blocked format and back around every conv: at 2x64x64 or 1x128x128 positions and up that costs more
+    than the (few MB) weight that channels-last re-lays instead, and at the 512-channel low resolutions less."""
+    if h.device.type != "cpu" or h.ndim != 4:
+        return h
+    wide = h.shape[0] * h.shape[2] * h.shape[3] >= CHANNELS_LAST_MIN_POSITIONS
+    return h.contiguous(memory_format=torch.channels_last if wide else torch.contiguous_format)
 
 
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
@@ -50,8 +65,9 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x) if self.with_conv else x
+        if self.with_conv:
+            return upsample_conv(x, self.conv)  # conv(upsample(x)), computed at the input's resolution
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
 class Downsample(nn.Module):
@@ -284,13 +300,13 @@ class Decoder(nn.Module):
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, None)), None)
         for i_level in reversed(range(self.num_resolutions)):
-            h = _run_level(self.up[i_level], h)
+            h = _run_level(self.up[i_level], _cpu_layout(h))
             if i_level != 0:
                 h = self.up[i_level].upsample(h)
         if self.give_pre_end:
-            return h
+            return h.contiguous()
         h = self.conv_out(fresh_nonlinearity(self.norm_out(h)))
-        return torch.tanh(h) if self.tanh_out else h
+        return (torch.tanh(h) if self.tanh_out else h).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
