@@ -67,7 +67,9 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
 
     def forward(self, x):
-        return self.net(x)
+        project_in, dropout, project_out = self.net
+        x = project_in(x)
+        return project_out(dropout(x) if self.training and dropout.p else x)
 
 
 class CrossAttention(nn.Module):
@@ -129,7 +131,9 @@ class CrossAttention(nn.Module):
 
     def output(self, out, x):
         """[batch, heads, queries, dim_head] -> merged heads -> ``to_out``, shaped like ``x``."""
-        return self.to_out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        linear, dropout = self.to_out
+        out = linear(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return dropout(out) if self.training and dropout.p else out
 
 
 def fused_attention(attn: CrossAttention, x, context=None, mask=None):

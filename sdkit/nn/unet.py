@@ -44,6 +44,8 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm that computes in float32 (stable under fp16/bf16) and returns the input dtype."""
 
     def forward(self, x):
+        if x.dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # nothing to convert
         # float32 parameters too: CPU group_norm refuses mixed dtypes in a .half()/bf16 model
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
@@ -194,21 +196,22 @@ class ResBlock(TimestepBlock):
         return run_checkpointed(self._forward, x, emb, enabled=self.use_checkpoint, module=self)
 
     def _forward(self, x, emb):
-        if self.updown:
-            # resample between the activation and the conv, and resample the skip path the same way
-            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
-            h = in_conv(self.h_upd(in_rest(x)))
-            x = self.x_upd(x)
-        else:
-            h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]
+        in_norm, in_act, in_conv = self.in_layers
+        out_norm, out_act, dropout, out_conv = self.out_layers
+        h = in_act(in_norm(x))
+        if self.updown:  # resample between the activation and the conv, and resample the skip path the same way
+            h, x = self.h_upd(h), self.x_upd(x)
+        h = in_conv(h)
+        emb_out = self.emb_layers[1](F.silu(emb)).type(h.dtype)[..., None, None]  # emb_layers: SiLU, Linear
         if self.use_scale_shift_norm:
-            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
             scale, shift = torch.chunk(emb_out, 2, dim=1)
-            h = out_rest(out_norm(h) * (1 + scale) + shift)
+            h = out_norm(h) * (1 + scale) + shift
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = out_norm(h.add_(emb_out))  # h: in_conv's fresh output (conv backward does not need it)
+        h = out_act(h)
+        if self.training and dropout.p:
+            h = dropout(h)
+        return out_conv(h).add_(self.skip_connection(x))  # the same: out_conv's output is fresh
 
 
 def _qkv_attention(q, k, v):
