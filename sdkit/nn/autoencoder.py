@@ -154,12 +154,14 @@ def _middle(channels: int, dropout: float, attn_type: str) -> nn.Module:
     return mid
 
 
-def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def _level_layers(level: nn.Module):
+    """A level's ResnetBlocks, each followed by its attention block if the level has them, in order. Callers run
+    them as ``for layer in ...: h = layer(h)``, so each input is freed as soon as the next layer has it (a helper
+    that took ``h`` would keep the level's input alive, held by the caller, until the whole level had run)."""
     for i, block in enumerate(level.block):
-        h = block(h, None)
+        yield block
         if len(level.attn) > 0:
-            h = level.attn[i](h)
-    return h
+            yield level.attn[i]
 
 
 class Encoder(nn.Module):
@@ -236,10 +238,12 @@ class Encoder(nn.Module):
         self.check_input(x)
         h = self.conv_in(x)
         for i_level, level in enumerate(self.down):
-            h = _run_level(level, h)
+            for layer in _level_layers(level):
+                h = layer(h)
             if i_level != self.num_resolutions - 1:
                 h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, None)), None)
+        for layer in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
+            h = layer(h)
         return self.conv_out(fresh_nonlinearity(self.norm_out(h)))
 
 
@@ -298,9 +302,12 @@ class Decoder(nn.Module):
                              f"got {tuple(z.shape)}")
         self.last_z_shape = z.shape
         h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, None)), None)
+        for layer in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
+            h = layer(h)
         for i_level in reversed(range(self.num_resolutions)):
-            h = _run_level(self.up[i_level], _cpu_layout(h))
+            h = _cpu_layout(h)
+            for layer in _level_layers(self.up[i_level]):
+                h = layer(h)
             if i_level != 0:
                 h = self.up[i_level].upsample(h)
         if self.give_pre_end:
