@@ -3,10 +3,13 @@
     python benchmarks/tiny_speed.py [--threads 2] [--repeats 10] [--steps 20] [--guidance 5]
 
 sdkit: ``txt2img(model, prompt, steps=20, guidance_scale=5)`` end to end (text encoding, 20 DPM-Solver++(2M) steps
-with classifier-free guidance = 40 UNet evaluations in batches of 2, VAE decode, PNG-ready PIL image).
+with classifier-free guidance = 20 UNet evaluations on batches of 2, VAE decode, PNG-ready PIL image).
 Reference: the same weights in diffusers' UNet2DConditionModel and AutoencoderKL, driven by diffusers'
-DPMSolverMultistepScheduler (the same text states, the same guidance), timed the same way in the same run.
-Median of --repeats after one warm-up; the ratio is sdkit / diffusers (below 1.0: sdkit is faster).
+DPMSolverMultistepScheduler (the same text states, the same guidance, uint8 pixels at the end), in the same process.
+After one warm-up call each, ``--repeats`` rounds alternate the two (sdkit first in even rounds, diffusers first in
+odd ones); the ratio reported is the median of the per-round ratios sdkit / diffusers (below 1.0: sdkit is faster),
+which stands up to a shared machine's load shifting between rounds; the median seconds of each, and the ratio of
+those medians, are printed beside it.
 """
 from __future__ import annotations
 
@@ -17,19 +20,27 @@ import time
 import torch
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()   # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def alternating_seconds(fns: dict, repeats: int) -> dict:
+    """{name: [seconds per round]} after one warm-up call each, alternating the order round by round."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    names = list(fns)
+    times = {name: [] for name in names}
+    for i in range(repeats):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def diffusers_pipeline(model, steps: int, guidance: float):
     """The shipped model's weights in diffusers' modules, with diffusers' scheduler: one image per call."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        UNet2DConditionModel,
+    )
     from omegaconf import OmegaConf
 
     from sdkit.checkpoints import keys
@@ -76,15 +87,19 @@ def main() -> None:
     from sdkit.pipelines import txt2img
 
     model = sdkit.load_model("tiny")
-    ours = median_seconds(lambda: txt2img(model, args.prompt, seed=0, steps=args.steps,
-                                          guidance_scale=args.guidance, progress=False), args.repeats)
     reference = diffusers_pipeline(model, args.steps, args.guidance)
-    theirs = median_seconds(lambda: reference(args.prompt), args.repeats)
+    times = alternating_seconds({
+        "sdkit": lambda: txt2img(model, args.prompt, seed=0, steps=args.steps, guidance_scale=args.guidance,
+                                 progress=False),
+        "diffusers": lambda: reference(args.prompt)}, args.repeats)
+    ours, theirs = statistics.median(times["sdkit"]), statistics.median(times["diffusers"])
+    rounds = statistics.median(a / b for a, b in zip(times["sdkit"], times["diffusers"]))
     print(f"one 64x64 image, {args.steps} steps DPM-Solver++(2M), guidance {args.guidance:g}, "
-          f"{args.threads} CPU threads, median of {args.repeats}:")
+          f"{args.threads} CPU threads, torch {torch.__version__}, median of {args.repeats} alternating rounds:")
     print(f"  sdkit txt2img      {ours:6.3f} s")
     print(f"  diffusers modules  {theirs:6.3f} s")
-    print(f"  ratio sdkit/diffusers {ours / theirs:.2f}")
+    print(f"  ratio sdkit/diffusers {rounds:.2f} (median of the per-round ratios; ratio of the medians: "
+          f"{ours / theirs:.2f})")
 
 
 if __name__ == "__main__":
