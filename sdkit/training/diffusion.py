@@ -39,6 +39,8 @@ from .strategies import ema_update, full_parameters, is_fsdp
 from .common import WrappedModule, batch_value, build, image_input, per_sample_randn, sample_generators
 
 VALIDATION_STEP = -1  # the "step" validation draws are keyed by: the same noise at every validation
+ADDON_PREFIX = "addon_modules."      # state dict keys of add-on weights (LatentDiffusionModule.addon_modules)
+ADDON_STATE_KEY = "sdkit_addon_state"  # where checkpoints keep them, outside the CompVis state dict
 
 
 class LatentDiffusionModule(WrappedModule):
@@ -70,6 +72,11 @@ class LatentDiffusionModule(WrappedModule):
             t, drop, cond)``: a context manager around the training forward pass that yields a function returning
             the extra loss (or None). Example: the attention grounding loss, ``sdkit.training.grounding``. None
             (the default) leaves training as CompVis had it. Add-ons act on training batches only.
+            An add-on that trains weights of its own (LoRA, textual inversion) registers the module that holds
+            them in ``module.addon_modules[name]`` during ``setup`` (so they move with the module, are synced
+            under DDP and are saved in checkpoints, outside the CompVis ``state_dict``) and defines
+            ``trainable_parameters(module) -> list[Parameter]``. When any add-on does, only those parameters are
+            optimised: the base model is frozen (``requires_grad`` off, no EMA update) and keeps its weights.
     """
 
     inner = "ldm"
@@ -108,8 +115,10 @@ class LatentDiffusionModule(WrappedModule):
             set_gradient_checkpointing(self.ldm.model, gradient_checkpointing)
         addons = addons.values() if isinstance(addons, Mapping) else (addons or [])
         self.addons = [a if hasattr(a, "watch") else instantiate_from_config(a) for a in addons if a is not None]
+        self.addon_modules = nn.ModuleDict()   # weights add-ons train (see addons above)
         for addon in self.addons:
             addon.setup(self)
+        self._freeze_base_for_addons()
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -209,11 +218,28 @@ class LatentDiffusionModule(WrappedModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        # add-on weights travel beside the state dict, which stays a CompVis checkpoint that load_model reads
+        state = checkpoint.get("state_dict", {})
+        addon_keys = [k for k in state if k.startswith(ADDON_PREFIX)]
+        if addon_keys:
+            checkpoint[ADDON_STATE_KEY] = {k: state.pop(k) for k in addon_keys}
+        for addon in self.addons:
+            if hasattr(addon, "on_save_checkpoint"):   # e.g. the LoRA add-on writes its .safetensors file
+                addon.on_save_checkpoint(self, checkpoint)
         path = self._cache_file()
         sizes = (len(self._latent_cache), len(self._text_cache))
         if path is not None and sizes != self._cache_sizes_saved:  # only when they grew: after an epoch, never
             encoding_cache.save(path, self._cache_fingerprint, self._latent_cache, self._text_cache)
             self._cache_sizes_saved = sizes
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        checkpoint["state_dict"].update(checkpoint.pop(ADDON_STATE_KEY, {}))
+
+    def on_fit_end(self) -> None:
+        for addon in self.addons:
+            if hasattr(addon, "on_fit_end"):
+                addon.on_fit_end(self)
 
     # ------------------------------------------------------------------ loss
     def shared_step(self, batch: Mapping, step: int, split: str, ucg: float):
@@ -284,8 +310,34 @@ class LatentDiffusionModule(WrappedModule):
         self.log_dict(logs_ema, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
 
     # ------------------------------------------------------------------ optimizer
+    def addon_parameters(self) -> list[nn.Parameter] | None:
+        """The parameters the add-ons train, each once, or None when no add-on trains weights of its own."""
+        owners = [addon for addon in self.addons if hasattr(addon, "trainable_parameters")]
+        if not owners:
+            return None
+        params = {id(p): p for addon in owners for p in addon.trainable_parameters(self)}
+        if not params:
+            names = ", ".join(getattr(addon, "name", type(addon).__name__) for addon in owners)
+            raise ValueError(f"the training add-on(s) {names} gave no parameters to train; check their config")
+        return list(params.values())
+
+    def _freeze_base_for_addons(self) -> None:
+        """When add-ons train their own weights, the base model is frozen: only theirs change."""
+        params = self.addon_parameters()
+        if params is None:
+            return
+        trained = {id(p) for p in params}
+        for p in self.ldm.parameters():
+            p.requires_grad_(id(p) in trained)   # frozen parameters also get no EMA update (LitEma skips them)
+        for p in params:
+            p.requires_grad_(True)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The UNet, plus the cond stage when trainable and logvar when learned (as CompVis)."""
+        """The add-ons' own weights when an add-on trains some (the base model frozen); otherwise the UNet, plus
+        the cond stage when trainable and logvar when learned (as CompVis)."""
+        addon_params = self.addon_parameters()
+        if addon_params is not None:
+            return addon_params
         params = list(self.ldm.model.parameters())
         if self.ldm.cond_stage_trainable and self.ldm.cond_stage_model is not None:
             params += list(self.ldm.cond_stage_model.parameters())
