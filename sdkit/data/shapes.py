@@ -20,6 +20,13 @@ Canonical caption grammar (what `caption(scene)` writes and `parse_caption` read
 The "varied" caption style adds phrasing the model should learn to ignore ("a picture of ...", digits for
 counts, "in the middle", "on a white background"); `parse_caption` reads those too.
 
+Shape vocabulary: SHAPES are the six shapes the shipped model learned; NEW_SHAPES (a hexagon) were added later to
+measure how a model learns a concept it never saw. Every function reads and draws all of ALL_SHAPES, but sampling
+(`ShapesDataset`, `sample_scene`) and the checker use the original six unless given `shapes=`, so their default
+output is what it always was:
+
+    ShapesDataset(length=8, shapes=["hexagon"], two_group_prob=0)[0]["caption"]   # e.g. 'a large red hexagon'
+
 Validation split: a group's attribute combination (colour, shape, count, size, position) is *held out* when
 a hash of it falls in the first `heldout_fraction` (default 10%) of the hash range. The train split never
 contains a held-out combination; the validation split contains only held-out combinations, drawn from a
@@ -60,6 +67,10 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 # Chosen to stay distinct at 64x64 (and on a 16x16 latent grid): no two share an outline.
 SHAPES = ("circle", "square", "triangle", "star", "heart", "cross")
+# Shapes added later, which the shipped model never saw: opt-in (`shapes=` of the dataset, sample_scene and the
+# checker), so the default vocabulary, data streams and checker verdicts stay what the shipped model was built on.
+NEW_SHAPES = ("hexagon",)
+ALL_SHAPES = SHAPES + NEW_SHAPES
 # Half the side of an object's bounding box, as a fraction of the image side.
 SIZES: dict[str, float] = {"small": 0.10, "medium": 0.14, "large": 0.19}
 POSITIONS = ("left", "right", "top", "bottom", "center")
@@ -93,7 +104,7 @@ class Group:
 
     def __post_init__(self):
         _check_choice("colour", self.colour, COLOURS)
-        _check_choice("shape", self.shape, SHAPES)
+        _check_choice("shape", self.shape, ALL_SHAPES)
         _check_choice("count", self.count, COUNT_WORDS)
         _check_choice("size", self.size, SIZES)
         _check_choice("position", self.position, (*POSITIONS, None))
@@ -158,12 +169,14 @@ def _outline(shape: str) -> tuple[tuple[float, float], ...] | None:
     elif shape == "star":    # five points, inner radius half the outer: fat enough to survive 64x64
         pts = [((1.0 if k % 2 == 0 else 0.5) * math.sin(k * math.pi / 5),
                 -(1.0 if k % 2 == 0 else 0.5) * math.cos(k * math.pi / 5)) for k in range(10)]
+    elif shape == "hexagon":   # pointy top and bottom, upright sides: a regular hexagon stretched to the box
+        pts = [(0, -1), (1, -0.5), (1, 0.5), (0, 1), (-1, 0.5), (-1, -0.5)]
     elif shape == "heart":   # the classic parametric heart curve
         ts = np.linspace(0, 2 * np.pi, 96, endpoint=False)
         pts = list(zip(16 * np.sin(ts) ** 3,
                        -(13 * np.cos(ts) - 5 * np.cos(2 * ts) - 2 * np.cos(3 * ts) - np.cos(4 * ts))))
     else:
-        raise ValueError(f"unknown shape {shape!r}; choose one of {list(SHAPES)}")
+        raise ValueError(f"unknown shape {shape!r}; choose one of {list(ALL_SHAPES)}")
     xy = np.asarray(pts, dtype=np.float64)
     lo, hi = xy.min(0), xy.max(0)
     xy = (xy - lo) / (hi - lo) * 2 - 1   # stretch to the [-1, 1] box, so its centre is the box centre
@@ -268,7 +281,7 @@ _PHRASE_TO_POSITION = {**{v: k for k, v in POSITION_PHRASES.items()}, "in the mi
 _GROUP_RE = re.compile(
     r"^(?P<count>{})\s+(?:(?P<size>small|medium|large)\s+)?(?P<colour>{})\s+(?P<shape>{})(?:e?s)?"
     r"(?:\s+(?P<position>{}))?$".format(
-        "|".join(_NUMBERS), "|".join(COLOURS), "|".join(SHAPES), "|".join(_PHRASE_TO_POSITION)))
+        "|".join(_NUMBERS), "|".join(COLOURS), "|".join(ALL_SHAPES), "|".join(_PHRASE_TO_POSITION)))
 _BACKGROUND_RE = re.compile(r"\s+on an?\s+(?P<bg>{})\s+background$".format("|".join(BACKGROUNDS)))
 
 
@@ -290,7 +303,7 @@ def parse_caption(text: str) -> Scene:
             raise ValueError(
                 f"cannot read {part!r} in caption {text!r}; expected e.g. 'two small red circles on the left': "
                 f"count (a/two/three), optional size (small/large), colour {list(COLOURS)}, "
-                f"shape {list(SHAPES)}, optional position {list(POSITION_PHRASES.values())}")
+                f"shape {list(ALL_SHAPES)}, optional position {list(POSITION_PHRASES.values())}")
         groups.append(Group(colour=g.group("colour"), shape=g.group("shape"), count=_NUMBERS[g.group("count")],
                             size=g.group("size") or "medium",
                             position=_PHRASE_TO_POSITION.get(g.group("position"))))
@@ -307,7 +320,21 @@ def is_heldout(group: Group, fraction: float = 0.1) -> bool:
 COUNT_PROBS = {1: 0.6, 2: 0.25, 3: 0.15}   # single objects dominate: colour and shape matter most
 
 
-def _sample_group(rng, position, max_count, heldout, fraction) -> Group:
+def check_shapes(shapes: Sequence[str] | None) -> tuple[str, ...]:
+    """A shape vocabulary as a tuple (None: the original SHAPES); refuses unknown, repeated or no shapes."""
+    if shapes is None:
+        return SHAPES
+    if isinstance(shapes, str):
+        raise TypeError(f"shapes={shapes!r} must be a list of shape names, e.g. [{shapes!r}]")
+    shapes = tuple(shapes)
+    if not shapes or len(set(shapes)) != len(shapes):
+        raise ValueError(f"shapes={list(shapes)} must name at least one shape, each once; choose from {list(ALL_SHAPES)}")
+    for shape in shapes:
+        _check_choice("shape", shape, ALL_SHAPES)
+    return shapes
+
+
+def _sample_group(rng, position, max_count, heldout, fraction, shapes) -> Group:
     """A random group at `position` with at most `max_count` objects, held out or not as asked."""
     counts = list(COUNT_PROBS)[:max_count]
     probs = np.array([COUNT_PROBS[c] for c in counts])
@@ -319,26 +346,28 @@ def _sample_group(rng, position, max_count, heldout, fraction) -> Group:
             size = str(rng.choice(["small", "medium"]))
         else:
             size = str(rng.choice(list(SIZES)))
-        g = Group(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), count, size, position)
+        g = Group(str(rng.choice(list(COLOURS))), str(rng.choice(shapes)), count, size, position)
         if is_heldout(g, fraction) == heldout:
             return g
 
 
 def sample_scene(rng: np.random.Generator, split: str = "train", heldout_fraction: float = 0.1,
-                 two_group_prob: float = 0.3) -> Scene:
-    """Draw a random scene of the given split (see the module docstring for the split rule)."""
+                 two_group_prob: float = 0.3, shapes: Sequence[str] | None = None) -> Scene:
+    """Draw a random scene of the given split (see the module docstring for the split rule), with shapes from
+    `shapes` (default: the original SHAPES; e.g. ALL_SHAPES or ["hexagon"] for the shapes added later)."""
     _check_choice("split", split, ("train", "validation"))
+    shapes = check_shapes(shapes)
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be between 0 and 1 (exclusive), got {heldout_fraction}")
     heldout = split == "validation"
     background = "white" if rng.random() < 0.5 else str(rng.choice(list(BACKGROUNDS)[1:]))
     if rng.random() >= two_group_prob:
         position = None if rng.random() < 0.3 else str(rng.choice(POSITIONS))
-        return Scene((_sample_group(rng, position, 3, heldout, heldout_fraction),), background)
+        return Scene((_sample_group(rng, position, 3, heldout, heldout_fraction, shapes),), background)
     pa, pb = _POSITION_PAIRS[rng.integers(len(_POSITION_PAIRS))]
-    a = _sample_group(rng, pa, 2, heldout, heldout_fraction)
+    a = _sample_group(rng, pa, 2, heldout, heldout_fraction, shapes)
     while True:   # distinct colours, at most three objects in all
-        b = _sample_group(rng, pb, 3 - a.count, heldout, heldout_fraction)
+        b = _sample_group(rng, pb, 3 - a.count, heldout, heldout_fraction, shapes)
         if b.colour != a.colour:
             return Scene((a, b), background)
 
@@ -351,13 +380,16 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     Item i is {"image": float tensor [3, size, size] in [-1, 1], "caption": str, "meta": dict} where meta holds
     the scene (exact attributes), the placed objects, and (index, seed, split). Deterministic: the same
-    (seed, split, index) always gives the same item, in any process.
+    (seed, split, index) always gives the same item, in any process. `shapes`: the shape vocabulary drawn from
+    (default: the original SHAPES, which the shipped model was trained on; ["hexagon"] gives scenes of the new
+    shape only, ALL_SHAPES mixes all).
     """
 
     def __init__(self, length: int = 10_000, size: int = 64, seed: int = 0, split: str = "train",
                  caption_style: str | Callable = "canonical", heldout_fraction: float = 0.1,
-                 two_group_prob: float = 0.3):
+                 two_group_prob: float = 0.3, shapes: Sequence[str] | None = None):
         _check_choice("split", split, _SPLIT_STREAM)
+        self.shapes = check_shapes(shapes)
         if not 0 < heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be between 0 and 1 (exclusive), got {heldout_fraction}")
         self.length, self.size, self.seed, self.split = length, size, seed, split
@@ -371,7 +403,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a ShapesDataset of length {self.length}")
         rng = np.random.default_rng([self.seed, _SPLIT_STREAM[self.split], index])
-        scene = sample_scene(rng, self.split, self.heldout_fraction, self.two_group_prob)
+        scene = sample_scene(rng, self.split, self.heldout_fraction, self.two_group_prob, self.shapes)
         objects = layout(scene, rng)
         return scene, objects, caption(scene, self.caption_style, rng)
 

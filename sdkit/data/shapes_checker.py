@@ -20,6 +20,11 @@ How it reads an image (any size; numpy only):
 
 The test suite measures it on the dataset's own renders with noise and blur (>= 98% right on every
 attribute, >= 98% rejection of swapped colours and shapes).
+
+Shape vocabulary: by default step 5 chooses among the original six shapes (`shapes.SHAPES`), so the checker's
+verdicts are those the shipped model was measured with. Shapes added later (`shapes.NEW_SHAPES`: a hexagon) are
+read only when asked, `check(image, scene, shapes=ALL_SHAPES)`; a scene naming a shape outside the vocabulary is
+refused rather than silently judged absent.
 """
 from __future__ import annotations
 
@@ -30,7 +35,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .shapes import COLOURS, SHAPES, SIZES, Scene, draw_object, parse_caption
+from .shapes import (
+    ALL_SHAPES,
+    COLOURS,
+    SIZES,
+    Scene,
+    check_shapes,
+    draw_object,
+    parse_caption,
+)
 
 PALETTE_NAMES = list(COLOURS)
 PALETTE = np.array([COLOURS[c] for c in PALETTE_NAMES], dtype=np.float64)
@@ -128,17 +141,14 @@ def blur(a: np.ndarray, sigma: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=None)
-def _shape_constants() -> dict[str, tuple[float, float, float]]:
-    """Per shape: (covered area / r^2, centroid offset x / r, centroid offset y / r), from a large render."""
+def _shape_constants(shape: str) -> tuple[float, float, float]:
+    """(covered area / r^2, centroid offset x / r, centroid offset y / r) of a shape, from a large render."""
     size, r = 512, 0.4
-    out = {}
-    for shape in SHAPES:
-        cov = _draw_coverage(shape, (size / 2, size / 2), r * size, (size, size))
-        ys, xs = np.indices(cov.shape) + 0.5
-        m = cov.sum()
-        out[shape] = (m / (r * size) ** 2, ((cov * xs).sum() / m - size / 2) / (r * size),
-                      ((cov * ys).sum() / m - size / 2) / (r * size))
-    return out
+    cov = _draw_coverage(shape, (size / 2, size / 2), r * size, (size, size))
+    ys, xs = np.indices(cov.shape) + 0.5
+    m = cov.sum()
+    return (m / (r * size) ** 2, ((cov * xs).sum() / m - size / 2) / (r * size),
+            ((cov * ys).sum() / m - size / 2) / (r * size))
 
 
 def _draw_coverage(shape: str, centre: tuple[float, float], r: float, hw: tuple[int, int],
@@ -151,8 +161,9 @@ def _draw_coverage(shape: str, centre: tuple[float, float], r: float, hw: tuple[
     return np.asarray(im.reduce(supersample), dtype=np.float64) / 255
 
 
-def classify_shape(coverage: np.ndarray) -> tuple[str, float, float]:
-    """Best-matching shape for a coverage map holding one object: (shape, error, r in pixels).
+def classify_shape(coverage: np.ndarray, shapes=None) -> tuple[str, float, float]:
+    """Best-matching shape of `shapes` (default: the original six) for a coverage map holding one object:
+    (shape, error, r in pixels).
 
     Render and compare: each candidate is drawn by the dataset's renderer with the object's area and
     centroid (both unchanged by blur), blurred by each of a few amounts (the image may be blurred), and
@@ -161,7 +172,8 @@ def classify_shape(coverage: np.ndarray) -> tuple[str, float, float]:
     ys, xs = np.indices(coverage.shape) + 0.5
     cx, cy = (coverage * xs).sum() / mass, (coverage * ys).sum() / mass
     best = ("unknown", np.inf, 0.0)
-    for shape, (area, ox, oy) in _shape_constants().items():
+    for shape in check_shapes(shapes):
+        area, ox, oy = _shape_constants(shape)
         r = np.sqrt(mass / area)
         cand = _draw_coverage(shape, (cx - ox * r, cy - oy * r), r, coverage.shape)
         err = min(np.abs(blur(cand, s) - coverage).sum() for s in BLUR_SIGMAS) / mass
@@ -171,8 +183,10 @@ def classify_shape(coverage: np.ndarray) -> tuple[str, float, float]:
 
 
 # --------------------------------------------------------------------------------------------- analysis
-def find_objects(image) -> list[Component]:
-    """All objects in an RGB image: colour, shape, size and position of each."""
+def find_objects(image, shapes=None) -> list[Component]:
+    """All objects in an RGB image: colour, shape (one of `shapes`, default the original six), size and position
+    of each."""
+    shapes = check_shapes(shapes)
     img = _as_array(image)
     h, w, _ = img.shape
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
@@ -203,7 +217,7 @@ def find_objects(image) -> list[Component]:
         rows, cols = np.nonzero(near)
         y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
         patch = np.where(near, coverage, 0)[max(0, y0 - 3):y1 + 3, max(0, x0 - 3):x1 + 3]
-        shape, err, r_px = classify_shape(patch)
+        shape, err, r_px = classify_shape(patch, shapes)
         if err > SHAPE_TOLERANCE:
             shape = "unknown"
         size = list(SIZES)[int(np.abs(np.log(sizes / (r_px / w))).argmin())]
@@ -213,11 +227,20 @@ def find_objects(image) -> list[Component]:
     return found
 
 
-def check(image, scene: Scene | str) -> CheckResult:
+def check(image, scene: Scene | str, shapes=None) -> CheckResult:
     """Compare an image with the scene (or canonical caption) it should show; see CheckResult for the verdicts.
 
-    `image`: PIL image, uint8 HxWx3 array, or float tensor [3, H, W] in [-1, 1]."""
-    return compare(find_objects(image), scene)
+    `image`: PIL image, uint8 HxWx3 array, or float tensor [3, H, W] in [-1, 1]. `shapes`: the shapes the checker
+    chooses among (default: the original six; `ALL_SHAPES` to read a hexagon too)."""
+    shapes = check_shapes(shapes)
+    if isinstance(scene, str):
+        scene = parse_caption(scene)
+    outside = sorted({g.shape for g in scene.groups} - set(shapes))
+    if outside:
+        raise ValueError(
+            f"the scene names {outside}, which the checker's shape vocabulary {list(shapes)} does not hold, so it "
+            f"could never be found; pass shapes=ALL_SHAPES (from sdkit.data.shapes: {list(ALL_SHAPES)})")
+    return compare(find_objects(image, shapes), scene)
 
 
 def compare(components: list[Component], scene: Scene | str) -> CheckResult:

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.shapes import COLOURS, SHAPES, parse_caption, plural
+from ..data.shapes import ALL_SHAPES, COLOURS, parse_caption, plural
 from ..nn.attention_processors import AttentionRecorder, attention_processor
 from .common import batch_value, image_input
 
 COLOUR_DISTANCE = 50.0   # RGB distance (0-255) under which a pixel is the group's colour; colours are ≥ 97 apart
 MIN_COVERAGE = 0.05      # a cell of the attention grid belongs to a group when this much of it is the group's colour
-SHAPE_WORDS = frozenset(SHAPES) | frozenset(plural(s) for s in SHAPES)
+SHAPE_WORDS = frozenset(ALL_SHAPES) | frozenset(plural(s) for s in ALL_SHAPES)   # the hexagon too: captions name it
 
 
 @dataclass(frozen=True)
