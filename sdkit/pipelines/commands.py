@@ -125,11 +125,12 @@ def write_png(image, folder: str, name: str, payload: str | None, parameters: di
 
 
 def _payload(args) -> str | None:
-    from ..watermark import SD_V1_PAYLOAD, SDKIT_PAYLOAD
+    from ..watermark import SD_V1_PAYLOAD, SDKIT_PAYLOAD, payload_bytes
 
     if args.no_watermark:
         return None
     if args.watermark:
+        payload_bytes(args.watermark)   # e.g. bytes that are not UTF-8: refused now, not after generating
         return args.watermark
     return SD_V1_PAYLOAD if str(args.config or "").startswith("sd-v1") or (args.ckpt and not args.config) \
         else SDKIT_PAYLOAD

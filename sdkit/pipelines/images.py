@@ -142,7 +142,7 @@ def tensor_image(x: torch.Tensor, what: str) -> torch.Tensor:
         warnings.warn(f"{what}: every value of the tensor is ≥ 0 (range {low:g} to {high:g}); image tensors are "
                       "taken in [-1, 1], so a [0, 1] image comes out washed out: pass x * 2 - 1",
                       UserWarning, stacklevel=4)
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if low < -1 or high > 1 else x   # no copy of an image already in range
 
 
 def image_tensor(image, what: str = "image", min_side: int = 1) -> torch.Tensor:

@@ -70,6 +70,16 @@ def check_decode_tile(decode_tile: int | None) -> int | None:
                           hint=" (latent pixels per tile, e.g. 64; 0 or None = decode whole)")
 
 
+def check_watermark(watermark: str | bytes | None) -> str | bytes | None:
+    """The payload to mark the images with (None or False: no mark), checked before anything is generated: an
+    int or float payload would otherwise be found wrong only after sampling (and bytes(123) is 123 NUL bytes)."""
+    if watermark is None or watermark is False:
+        return None
+    from ..watermark import payload_bytes
+    payload_bytes(watermark)     # refuses anything but non-empty text or bytes, in words
+    return watermark
+
+
 def sampler_kwargs(sampler: str, spacing: str = "compvis", karras: bool = False, eta: float = 0.0,
                    **options) -> dict:
     """The options to hand the sampler: spacing/karras/eta where the sampler takes them; options it does not
@@ -204,7 +214,7 @@ class Plan:
     progress: bool = True
     decode_tile: int | None = None
     safety_checker: Any = None
-    watermark: str | None = None
+    watermark: str | bytes | None = None
     cond: torch.Tensor | None = None
     uncond: torch.Tensor | None = None
 
@@ -294,7 +304,7 @@ def prepare(model, prompt: str | Sequence[str] | None, negative_prompt: str | Se
             num_images: int | None = None, *, steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
             guidance_scale: float = 7.5, eta: float = 0.0, seed: int | Sequence[int] | None = None,
             batch_size: int | None = None, callback: Callback | None = None, safety_checker=None,
-            watermark: str | None = None, spacing: str = "compvis", karras: bool = False, progress: bool = True,
+            watermark: str | bytes | None = None, spacing: str = "compvis", karras: bool = False, progress: bool = True,
             decode_tile: int | None = None, text: bool = True, canvas: tuple[int, int] | None = None,
             encode: bool = False, verb: str = "this request", **sampler_options) -> Plan:
     """Check the options every verb shares and settle them into a :class:`Plan` (nothing is computed yet).
@@ -308,6 +318,7 @@ def prepare(model, prompt: str | Sequence[str] | None, negative_prompt: str | Se
     num_images = count_images(prompt, num_images)
     batch_size = check_count(num_images, batch_size)
     decode_tile = check_decode_tile(decode_tile)
+    watermark = check_watermark(watermark)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be a function callback(step, total, x, x0_pred), got {callback!r:.60}")
     guided = text and float(guidance_scale) != 1.0
