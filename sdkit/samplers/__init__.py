@@ -11,7 +11,7 @@ same VP scaling (at σ = 0 that is x₀ itself).
 
 Common options: ``spacing`` ("compvis" = CompVis uniform +1, "leading", "trailing", "linspace"), ``karras``
 (σ-space samplers), ``grid`` (dpmpp_*, unipc: "karras", "exponential", "ays", "fitted" σ grids, see grids.py),
-``eta`` (ddim, euler_a, dpmpp_2m_sde), ``generator`` (every random draw),
+``eta`` (ddim, euler_a, dpmpp_2m_sde), ``generator`` (every random draw; also lcm's fresh noise per step),
 ``callback(step, total, x, x0_pred)`` after every step (``step`` from 0), ``progress`` (False turns the tqdm
 bar off). Each sampler
 documents its own options (``help(SAMPLERS["unipc"])``). Unknown names or options raise ValueError.
@@ -49,6 +49,7 @@ from .dpmpp import sample_dpm_multistep, sample_dpmpp_2m, sample_dpmpp_2m_sde, s
 from .euler import sample_euler, sample_euler_ancestral
 from .denoisers import cfg_eps_fn, denoiser
 from .heun import sample_heun
+from .lcm import lcm_timesteps, sample_lcm
 from .lms import sample_lms
 from .plms import sample_plms
 from .unipc import sample_unipc
@@ -67,6 +68,7 @@ SAMPLERS = {
     "dpmpp_3m": sample_dpmpp_3m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "unipc": sample_unipc,
+    "lcm": sample_lcm,
 }
 
 ETA_ZERO_ONLY = ("plms",)   # takes eta, as CompVis' signature does, but only 0: it is deterministic
@@ -75,14 +77,14 @@ ETA_ZERO_ONLY = ("plms",)   # takes eta, as CompVis' signature does, but only 0:
 # DPM-Solver library's continuous time grid.
 GRID_FAMILY = {"ddpm": "ddim", "ddim": "ddim", "plms": "ddim", "euler": "k", "euler_a": "k", "heun": "k",
                "lms": "k", "dpmpp_2m": "dpm", "dpmpp_3m": "dpm", "dpmpp_2m_sde": "dpm", "unipc": "dpm",
-               "dpm_solver": "library", "dpm_solver++": "library"}
+               "dpm_solver": "library", "dpm_solver++": "library", "lcm": "lcm"}
 
 
 def noise_levels(sampler: str, alphas_cumprod: torch.Tensor, steps: int, **options) -> torch.Tensor:
     """ᾱ of the sample each step of ``sampler`` starts from (float64, one value per step, highest noise first).
 
     Takes the sampler's grid options (``spacing``, ``karras``, ``grid``, ``timesteps``, ``skip_type``,
-    ``discretization``);
+    ``discretization``, ``original_inference_steps``);
     others are ignored. ``start_step=k`` with ``x_T = √ᾱ_k x₀ + √(1−ᾱ_k) ε`` (ᾱ_k = ``noise_levels(…)[k]``)
     starts the sampler part-way down, e.g. for img2img."""
     _lookup(sampler)
@@ -96,6 +98,9 @@ def noise_levels(sampler: str, alphas_cumprod: torch.Tensor, steps: int, **optio
     if family == "ddim":
         ts = ddim_timesteps(steps, get("spacing"), len(ac), get("timesteps"))
         return ac[torch.from_numpy(ts.copy())]
+    if family == "lcm":
+        ts = lcm_timesteps(steps, len(ac), get("original_inference_steps"), get("timesteps"))
+        return ac[torch.from_numpy(ts)]
     if family == "library":
         return library_alphas_cumprod(ac, steps, get("skip_type"))
     sigmas, _ = sigma_grid(ac, steps, get("spacing"), bool(get("karras")), family, grid=get("grid"))
