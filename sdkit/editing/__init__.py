@@ -6,6 +6,8 @@
 - ``words``: where each word sits among the text encoder's tokens, and how two prompts' tokens line up.
 """
 from .attention_maps import AttentionMaps, attention_maps, plot_attention_maps
+from .prompt_to_prompt import PromptToPromptResult, prompt_to_prompt
 from .words import prompt_words, token_alignment
 
-__all__ = ["AttentionMaps", "attention_maps", "plot_attention_maps", "prompt_words", "token_alignment"]
+__all__ = ["AttentionMaps", "PromptToPromptResult", "attention_maps", "plot_attention_maps", "prompt_to_prompt",
+           "prompt_words", "token_alignment"]
