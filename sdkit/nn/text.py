@@ -142,7 +142,8 @@ class CLIPTextTransformer(nn.Module):
             hidden_states.append(x)
         x = self.final_layer_norm(x)
         if self.config.eos_token_id == 2:  # released ViT-L/14 config: <|endoftext|> is the highest id
-            eos_position = input_ids.argmax(dim=-1)
+            # (of the vocabulary: ids past it are textual-inversion tokens, sdkit.textual_inversion)
+            eos_position = input_ids.masked_fill(input_ids >= self.config.vocab_size, 0).argmax(dim=-1)
         else:
             eos_position = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
         pooled = x[torch.arange(x.shape[0], device=x.device), eos_position]
