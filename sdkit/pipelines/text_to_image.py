@@ -26,9 +26,9 @@ def txt2img(model, prompt: str | Sequence[str], *, negative_prompt: str | Sequen
     - ``options``, shared by every verb (:func:`sdkit.pipelines.plan.prepare`): ``steps`` (20), ``sampler``
       ("dpmpp_2m"; CompVis used ``"ddim"``/``"plms"`` with 50 steps), ``guidance_scale`` (7.5), ``eta`` (ddim,
       euler_a, dpmpp_2m_sde), ``seed`` (None, an int — image i gets seed + i — or one per image), ``batch_size``,
-      ``callback(step, total, x, x0_pred)``, ``progress``, ``safety_checker``, ``watermark`` (a payload string),
-      ``spacing``, ``karras``, ``decode_tile`` (decode in tiles of this many latent pixels), and any option of the
-      sampler (``sdkit.samplers.sampler_options(name)``).
+      ``callback(step, total, x, x0_pred)``, ``progress``, ``safety_checker``, ``watermark`` (a payload: text or
+      bytes, e.g. "sdkit"; None = no mark), ``spacing``, ``karras``, ``decode_tile`` (decode in tiles of this many
+      latent pixels), and any option of the sampler (``sdkit.samplers.sampler_options(name)``).
     """
     height = model.default_image_size if height is None else height                        # 1. the canvas
     width = model.default_image_size if width is None else width
