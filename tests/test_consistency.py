@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler, LCMScheduler
 from torch import nn
 
 import sdkit
+from sdkit.checkpoints import load
 from sdkit.data.shapes import ShapesDataset
 from sdkit.nn.lowrank import DeltaFileError, LowRankDelta, load_delta, save_delta
 from sdkit.training.common import per_sample_randn, sample_generators
@@ -176,21 +177,25 @@ def test_distillation_loss_by_hand_and_one_step_trains_only_the_delta(module):
     assert all(torch.equal(v, teacher[k]) for k, v in module.ldm.state_dict().items())
 
 
-def test_exported_delta_merges_into_the_shipped_model(module, tmp_path):
-    """The file a run ships, merged into load_model("tiny"), is the target network: same ε as the delta run
-    through functional_call (its factors as stored, float16)."""
+def test_exported_delta_merges_into_the_shipped_model(module, tmp_path, monkeypatch):
+    """The file a run ships, as data/tiny-lcm.safetensors, makes load_model("tiny-lcm") the target network: the
+    same ε as the delta run through functional_call over the teacher (its factors as stored, float16)."""
     randomised(module.target)
     path = module.export(tmp_path / "tiny-lcm.safetensors")
     n = module.target.numel()          # float16 factors and a header (rank 4 here: 1.3 MB; rank 16: 5.0 MB)
     assert 2 * n < path.stat().st_size < 2 * n + 200_000
-    model = sdkit.load_model("tiny")
-    delta, meta = load_delta(model.model.diffusion_model, path)
-    assert meta["sampler"] == "lcm" and meta["base"] == "tiny"
+    (tmp_path / "tiny.safetensors").symlink_to(load.data_dir() / "tiny.safetensors")
+    monkeypatch.setenv("SDKIT_DATA", str(tmp_path))
+    model = sdkit.load_model("tiny-lcm")
+    assert model.delta_meta["sampler"] == "lcm" and model.delta_meta["base"] == "tiny"
+    delta, _ = load_delta(module.unet, path)
     x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([999.0, 259.0])
     cond = module.encode_text(["a red circle", "a blue square"])
     with torch.no_grad():
         expected = delta.run(module.unet, x, t, context=cond)
-        delta.merge_into(model.model.diffusion_model)
         merged = model.apply_model(x, t, cond)
     assert rel(merged, expected) < 1e-4
-    assert not torch.equal(merged, module.ldm.apply_model(x, t, cond))
+    assert rel(merged, module.ldm.apply_model(x, t, cond)) > 1e-3      # the delta did change the model
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="low-rank delta 'tiny-lcm.safetensors'.*sdkit train -b recipes/lcm"):
+        sdkit.load_model("tiny-lcm")

@@ -106,6 +106,8 @@ def load_model(config: Any, ckpt: str | os.PathLike | dict | None = None, *, use
         model.checkpoint_meta = meta
         if isinstance(ckpt, (str, os.PathLike)):
             model.checkpoint_path = str(ckpt)     # named and hashed in the PNGs' parameters (pipelines.metadata)
+    if cfg.get("delta"):   # a low-rank delta over the weights (e.g. the distilled few-step "tiny-lcm")
+        _merge_shipped_delta(model, cfg)
     model.config_name = Path(config).stem if isinstance(config, (str, os.PathLike)) else None
     model.eval()
     model.to(device)
@@ -114,3 +116,16 @@ def load_model(config: Any, ckpt: str | os.PathLike | dict | None = None, *, use
             if isinstance(getattr(model, part, None), nn.Module):
                 getattr(model, part).to(dtype)
     return model
+
+
+def _merge_shipped_delta(model: nn.Module, cfg) -> None:
+    """Merge the config's ``delta:`` file (from :func:`data_dir`) into the loaded UNet; the file's base digest
+    must match the weights just loaded (sdkit.nn.lowrank)."""
+    from ..nn.lowrank import merge_delta_file
+
+    path = data_dir() / cfg.delta
+    if not path.is_file():
+        made_by = f" It is made by `{cfg.made_by}`." if cfg.get("made_by") else ""
+        raise FileNotFoundError(f"the low-rank delta {cfg.delta!r} this config merges into its weights is not at "
+                                f"{path}.{made_by} Set SDKIT_DATA to the folder that holds it.")
+    merge_delta_file(model, path)

@@ -214,3 +214,14 @@ def load_delta(net: nn.Module, path: str | os.PathLike, check_base: bool = True)
                              f"{meta.get('base_digest', '')[:12]}… vs {base_digest(net)[:12]}…): it belongs to "
                              f"{meta.get('base', 'another model')!r} as it was when the delta was made")
     return LowRankDelta.from_file_state(net, state, int(meta.get("rank", 16))), meta
+
+
+def merge_delta_file(model: nn.Module, path: str | os.PathLike, sign: float = 1.0) -> dict:
+    """Merge the delta file ``path`` into a LatentDiffusion model's UNet (``model.model.diffusion_model``; any
+    other module as it is) in place, and return the file's metadata, also kept as ``model.delta_meta``.
+    ``sign=-1`` takes a merged delta back out (the base model again, up to float rounding)."""
+    net = getattr(getattr(model, "model", None), "diffusion_model", model)
+    delta, meta = load_delta(net, path, check_base=sign > 0)
+    delta.merge_into(net, sign)
+    model.delta_meta = {**meta, "path": str(path)} if sign > 0 else None
+    return meta
