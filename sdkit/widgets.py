@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .pipelines import img2img, inpaint, latent_preview, txt2img
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, sampler_default, sampler_options
 
 PIXELATED = "image-rendering: pixelated"
 
@@ -88,6 +88,8 @@ class Explorer(ABC):
 
     def render(self, change=None) -> None:
         """Run the pipeline with the current controls, showing every step's x̂₀, then the result."""
+        if getattr(self, "quiet", False):   # a control is being set to follow another: one render, not two
+            return
         start = time.perf_counter()
         self.status.value = f"sampling: {self.describe()}"
 
@@ -112,6 +114,11 @@ class Explorer(ABC):
         return bundle
 
 
+def eta_default(sampler: str) -> float:
+    """A sampler's own eta: 0 for ddim, 1 for the ancestral euler_a and dpmpp_2m_sde, 0 where it has none."""
+    return float(sampler_default(sampler, "eta")) if "eta" in sampler_options(sampler) else 0.0
+
+
 def sampler_controls(sampler: str, steps: int, eta: float, seed: int, guidance_scale: float) -> dict:
     slider = {"continuous_update": False, "style": {"description_width": "80px"}}
     return {
@@ -129,13 +136,15 @@ class Txt2ImgExplorer(Explorer):
     """Prompt, sampler, steps, eta, seed and guidance scale for ``txt2img``, with a live per-step preview."""
 
     def __init__(self, model, prompt: str = "a red circle", *, sampler: str = "dpmpp_2m", steps: int = 20,
-                 eta: float = 0.0, seed: int = 0, guidance_scale: float = 5.0, display_size: int = 256,
+                 eta: float | None = None, seed: int = 0, guidance_scale: float = 5.0, display_size: int = 256,
                  render: bool = True):
         super().__init__(model, display_size)
         self.prompt = widgets.Text(value=prompt, description="prompt", continuous_update=False,
                                    layout=widgets.Layout(width="360px"))
+        eta = eta_default(sampler) if eta is None else eta
         for name, control in sampler_controls(sampler, steps, eta, seed, guidance_scale).items():
             setattr(self, name, control)
+        self.sampler.observe(self.follow_sampler_eta, names="value")   # before watch(): eta first, then a render
         self.widget = self.layout()
         self.watch()
         if render:
@@ -143,6 +152,14 @@ class Txt2ImgExplorer(Explorer):
 
     def controls(self):
         return [self.prompt, self.sampler, self.steps, self.eta, self.seed, self.guidance]
+
+    def follow_sampler_eta(self, change) -> None:
+        """A newly chosen sampler starts at its own eta (euler_a at 1: without noise it would be plain Euler)."""
+        self.quiet = True
+        try:
+            self.eta.value = eta_default(change["new"])
+        finally:
+            self.quiet = False
 
     def describe(self) -> str:
         return (f"{self.prompt.value!r}, {self.sampler.value}, {self.steps.value} steps, eta {self.eta.value:g}, "

@@ -475,3 +475,27 @@ def test_a_list_of_prompts_gives_one_image_each(model):
     assert torch.equal(result.latents[1], alone.latents[0])
     with pytest.raises(ValueError, match="list of 2 strings"):
         txt2img(model, ["a", "b", "c"], num_images=2, **FAST)
+
+
+def test_eta_defaults_to_the_samplers_own(model):
+    """Without eta, each sampler runs as k-diffusion and diffusers define it: euler_a and dpmpp_2m_sde with their
+    ancestral noise (eta 1), ddim deterministic (eta 0). A pipeline default of 0 once made euler_a plain Euler."""
+    from sdkit.samplers import sample
+    from sdkit.samplers.denoisers import cfg_eps_fn
+
+    euler = txt2img(model, "a red circle", seed=5, sampler="euler", **FAST)
+    ancestral = txt2img(model, "a red circle", seed=5, sampler="euler_a", **FAST)
+    assert ancestral.parameters[0]["eta"] == 1.0 and euler.parameters[0]["eta"] == 0.0
+    assert not torch.allclose(ancestral.latents, euler.latents, atol=1e-3)
+    assert torch.equal(txt2img(model, "a red circle", seed=5, sampler="euler_a", eta=0.0, **FAST).latents,
+                       euler.latents)
+    # the pipeline's euler_a is the sampler called with its defaults on the same noise and generator
+    with torch.no_grad():
+        eps_fn = cfg_eps_fn(model.apply_model, model.get_learned_conditioning(["a red circle"]),
+                            model.get_learned_conditioning([""]), 7.5)
+        generator = torch.Generator().manual_seed(5)     # one generator per seed: x_T first, then the noise
+        x_T = torch.randn(ancestral.latents.shape, generator=generator)
+        direct = sample(eps_fn, x_T, model.alphas_cumprod, sampler="euler_a", steps=4, progress=False,
+                        generator=generator)
+    # the same kernels on the same batch; 1e-5 (latents of scale ~1) covers float reordering
+    torch.testing.assert_close(ancestral.latents, direct, rtol=0, atol=1e-5)

@@ -19,7 +19,7 @@ SHIPPED_MODEL = "tiny"
 SHIPPED_UPSCALER = "tiny-upscaler"   # the default of `sdkit upscale`
 
 
-def _common(parser: argparse.ArgumentParser, *, steps: int, sampler: str, guidance: float, eta: float,
+def _common(parser: argparse.ArgumentParser, *, steps: int, sampler: str, guidance: float, eta: float | None,
             out: str, text: bool = True) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--config", help="bundled config name or YAML path (default: the shipped small model, or "
@@ -30,7 +30,9 @@ def _common(parser: argparse.ArgumentParser, *, steps: int, sampler: str, guidan
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
     sampling.add_argument("--sampler", default=sampler, help=f"ddim, plms, euler, dpmpp_2m, … (default {sampler})")
-    sampling.add_argument("--eta", type=float, default=eta, help="noise of ddim/euler_a/dpmpp_2m_sde")
+    sampling.add_argument("--eta", type=float, default=eta,
+                          help="noise of ddim/euler_a/dpmpp_2m_sde (default: the sampler's own, 0 for ddim, "
+                               "1 for euler_a and dpmpp_2m_sde)")
     sampling.add_argument("--karras", action="store_true", help="Karras σ grid (σ-space samplers)")
     sampling.add_argument("--spacing", default="compvis", help="timestep spacing: compvis, leading, trailing, "
                                                                "linspace")
@@ -55,7 +57,7 @@ def add_arguments(sub) -> None:
     gen.add_argument("prompt")
     gen.add_argument("--height", type=int, help="pixels (default: the model's size, 512 for SD v1)")
     gen.add_argument("--width", type=int, help="pixels (default: the model's size, 512 for SD v1)")
-    _common(gen, steps=20, sampler="dpmpp_2m", guidance=7.5, eta=0.0, out="outputs/txt2img-samples")
+    _common(gen, steps=20, sampler="dpmpp_2m", guidance=7.5, eta=None, out="outputs/txt2img-samples")
     gen.set_defaults(func=run, verb="txt2img")
 
     i2i = sub.add_parser("img2img", help="repaint an image following a prompt",
@@ -63,7 +65,7 @@ def add_arguments(sub) -> None:
     i2i.add_argument("image")
     i2i.add_argument("prompt")
     i2i.add_argument("--strength", type=float, default=0.75, help="0 = unchanged … 1 = from noise (default 0.75)")
-    _common(i2i, steps=20, sampler="dpmpp_2m", guidance=7.5, eta=0.0, out="outputs/img2img-samples")
+    _common(i2i, steps=20, sampler="dpmpp_2m", guidance=7.5, eta=None, out="outputs/img2img-samples")
     i2i.set_defaults(func=run, verb="img2img")
 
     inp = sub.add_parser("inpaint", help="repaint the white region of a mask",
@@ -73,7 +75,7 @@ def add_arguments(sub) -> None:
     inp.add_argument("prompt")
     inp.add_argument("--strength", type=float, default=1.0, help="1 = masked region from pure noise (default)")
     inp.add_argument("--mask-blur", type=float, default=0.0, help="Gaussian σ (pixels) for the mask edge")
-    _common(inp, steps=20, sampler="dpmpp_2m", guidance=7.5, eta=0.0, out="outputs/inpaint-samples")
+    _common(inp, steps=20, sampler="dpmpp_2m", guidance=7.5, eta=None, out="outputs/inpaint-samples")
     inp.set_defaults(func=run, verb="inpaint")
 
     up = sub.add_parser("upscale", help="super-resolution with an LDM upscaler",

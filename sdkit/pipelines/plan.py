@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import checks
-from ..samplers import SAMPLERS, check_options, noise_levels, sample, sampler_options
+from ..samplers import SAMPLERS, check_options, noise_levels, sample, sampler_default, sampler_options
 from ..samplers.denoisers import denoiser
 from .decoding import decode
 from .memory import check_memory
@@ -80,14 +80,17 @@ def check_watermark(watermark: str | bytes | None) -> str | bytes | None:
     return watermark
 
 
-def sampler_kwargs(sampler: str, spacing: str = "compvis", karras: bool = False, eta: float = 0.0,
+def sampler_kwargs(sampler: str, spacing: str = "compvis", karras: bool = False, eta: float | None = None,
                    **options) -> dict:
     """The options to hand the sampler: spacing/karras/eta where the sampler takes them; options it does not
-    take, or that the pipeline sets itself, are refused here, before any work."""
+    take, or that the pipeline sets itself, are refused here, before any work. ``eta=None`` is the sampler's own
+    default (0 for ddim, 1 for the ancestral euler_a and dpmpp_2m_sde, as k-diffusion and diffusers have them)."""
     reserved = sorted(set(options) & {"mask", "known", "start_step", "generator", "callback", "progress"})
     if reserved:
         raise ValueError(f"the pipeline sets {reserved} itself (use strength, mask, seed, callback, progress)")
     accepted = sampler_options(sampler)
+    if eta is None:
+        eta = sampler_default(sampler, "eta") if "eta" in accepted else 0.0
     for name, value, default in (("spacing", spacing, "compvis"), ("karras", karras, False), ("eta", eta, 0.0)):
         if name in accepted or value != default:
             options[name] = value
@@ -302,7 +305,7 @@ class Plan:
 
 def prepare(model, prompt: str | Sequence[str] | None, negative_prompt: str | Sequence[str] | None = "",
             num_images: int | None = None, *, steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
-            guidance_scale: float = 7.5, eta: float = 0.0, seed: int | Sequence[int] | None = None,
+            guidance_scale: float = 7.5, eta: float | None = None, seed: int | Sequence[int] | None = None,
             batch_size: int | None = None, callback: Callback | None = None, safety_checker=None,
             watermark: str | bytes | None = None, spacing: str = "compvis", karras: bool = False, progress: bool = True,
             decode_tile: int | None = None, text: bool = True, canvas: tuple[int, int] | None = None,

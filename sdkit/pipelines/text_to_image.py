@@ -25,7 +25,7 @@ def txt2img(model, prompt: str | Sequence[str], *, negative_prompt: str | Sequen
       branch entirely (one UNet pass per step).
     - ``options``, shared by every verb (:func:`sdkit.pipelines.plan.prepare`): ``steps`` (20), ``sampler``
       ("dpmpp_2m"; CompVis used ``"ddim"``/``"plms"`` with 50 steps), ``guidance_scale`` (7.5), ``eta`` (ddim,
-      euler_a, dpmpp_2m_sde), ``seed`` (None, an int — image i gets seed + i — or one per image), ``batch_size``,
+      euler_a, dpmpp_2m_sde; default: the sampler's own, 0 for ddim and 1 for the ancestral ones), ``seed`` (None, an int — image i gets seed + i — or one per image), ``batch_size``,
       ``callback(step, total, x, x0_pred)``, ``progress``, ``safety_checker``, ``watermark`` (a payload: text or
       bytes, e.g. "sdkit"; None = no mark), ``spacing``, ``karras``, ``decode_tile`` (decode in tiles of this many
       latent pixels), and any option of the sampler (``sdkit.samplers.sampler_options(name)``).

@@ -113,6 +113,14 @@ def sampler_options(sampler: str) -> list[str]:
     return [p.name for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
 
 
+def sampler_default(sampler: str, option: str):
+    """The default value of one of a sampler's keyword options (e.g. eta: 0 for ddim, 1 for euler_a)."""
+    parameter = inspect.signature(_lookup(sampler)).parameters.get(option)
+    if parameter is None or parameter.kind != inspect.Parameter.KEYWORD_ONLY:
+        raise ValueError(f"sampler {sampler!r} has no option {option!r}; it takes {sampler_options(sampler)}")
+    return parameter.default
+
+
 def check_options(sampler: str, options: dict) -> dict:
     """``options`` checked against what ``sampler`` takes, before any work: ``eta=0`` is dropped for samplers
     without noise (it means "deterministic" there too); anything else the sampler does not take is refused with
@@ -157,5 +165,6 @@ def sample(eps_fn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str
         return fn(eps_fn, x_T, alphas_cumprod, steps, **options)
 
 
-__all__ = ["sample", "SAMPLERS", "sampler_options", "check_options", "noise_levels", "cfg_eps_fn", "denoiser",
+__all__ = ["sample", "SAMPLERS", "sampler_options", "sampler_default", "check_options", "noise_levels",
+           "cfg_eps_fn", "denoiser",
            "DDIMSampler", "PLMSSampler", "DPMSolverSampler", "sample_dpm_multistep"]
