@@ -1,0 +1,91 @@
+"""Attend-and-Excite (sdkit.editing.attend_excite).
+
+Oracles: hand computations of the loss's pieces (token positions of a CLIP-tokenized prompt, the Gaussian kernel,
+the softmax of a uniform map), first-order descent (a small enough gradient step lowers the loss), and txt2img:
+with no excitation and the DDIM sampler the run is DDIM sampling, so it must give txt2img's latents.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sdkit
+from sdkit.editing.attend_excite import (attend_and_excite, excite_losses, gaussian_kernel, subject_maxima,
+                                         subject_tokens)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = "a red circle and a blue square"
+
+
+@pytest.fixture(scope="module")
+def model():
+    """tiny-test (CLIP tokenizer, random weights) with its zero-initialised layers given small random weights, so
+    that the attention maps and ε depend on the latent."""
+    torch.manual_seed(0)
+    m = sdkit.load_model("tiny-test")
+    with torch.no_grad():
+        for p in m.model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    return m
+
+
+def test_subject_tokens_by_hand(model):
+    # CLIP BPE keeps each of these words whole: <start> a red circle and a blue square -> positions 1..7
+    assert subject_tokens(model, PROMPT) == [(3,), (7,)]
+    assert subject_tokens(model, PROMPT, "colour+shape") == [(2,), (3,), (6,), (7,)]
+    assert subject_tokens(model, PROMPT, ["square"]) == [(7,)]
+    with pytest.raises(ValueError, match="not a word of the prompt"):
+        subject_tokens(model, PROMPT, ["triangle"])
+    with pytest.raises(ValueError, match="no shape words"):
+        subject_tokens(model, "a cat")
+
+
+def test_gaussian_kernel_by_hand():
+    k = gaussian_kernel(0.5)
+    w = math.exp(-1 / (2 * 0.25))                       # weight one pixel off the centre, before normalising
+    assert float(k.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert float(k[1, 1]) == pytest.approx(1 / (1 + 2 * w) ** 2, rel=1e-6)
+    assert float(k[0, 0]) == pytest.approx(w * w / (1 + 2 * w) ** 2, rel=1e-6)
+
+
+def test_subject_maxima_by_hand():
+    pixels, tokens, length = 16, 10, 6                  # 4 word tokens (1..4) between start and end
+    uniform = torch.full((pixels, tokens), 0.1)
+    # equal attention: the softmax over the 4 words gives 1/4 everywhere, and smoothing a constant keeps it
+    assert torch.allclose(subject_maxima(uniform, length, [(1,), (2, 3)]), torch.tensor([0.25, 0.5]))
+    peaked = uniform.clone()
+    peaked[5, 2] = 1.0                                  # one pixel where word 2 wins outright (×100 softmax)
+    top = subject_maxima(peaked, length, [(2,)])
+    # at the peak: softmax ≈ 1 there and 1/4 around it; the 3×3 smoothing mixes 1 with weight k[1,1] and 1/4
+    k = gaussian_kernel(0.5)
+    expected = float(k[1, 1]) * 1.0 + (1 - float(k[1, 1])) * 0.25
+    assert float(top[0]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_small_gradient_step_lowers_the_loss(model):
+    cond = model.get_learned_conditioning([PROMPT, "two green triangles and a yellow star"])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    lengths = [9, 9]                                    # 7 / 7 words + start and end
+    subjects = [[(3,), (7,)], [(3,), (7,)]]
+    losses, grad = excite_losses(model, x, 500.0, cond, lengths, subjects, None)
+    assert losses.shape == (2,) and bool((losses > 0).all()) and bool((losses < 1).all())
+    step = 1e-3 / float(grad.abs().max())              # small enough for the first-order term to dominate
+    after, _ = excite_losses(model, x - step * grad, 500.0, cond, lengths, subjects, None)
+    assert bool((after < losses).all())
+
+
+def test_without_excitation_on_ddim_it_is_txt2img(model):
+    kwargs = dict(sampler="ddim", steps=6, guidance_scale=5.0, seed=3, height=32, width=32, progress=False)
+    reference = sdkit.txt2img(model, [PROMPT, PROMPT], **kwargs)
+    record = []
+    plain = attend_and_excite(model, [PROMPT, PROMPT], step_size=0.0, excite_steps=3, record=record, **kwargs)
+    # the same DDIM steps, written twice (here and in the sampler): float32 rounding of a few ops per step
+    assert torch.allclose(plain.latents, reference.latents, atol=1e-5 * float(reference.latents.abs().max()))
+    assert [i for i, _ in record] == [0, 1, 2]
+    excited = attend_and_excite(model, [PROMPT, PROMPT], step_size=20.0, excite_steps=3, max_refinement=2,
+                                **kwargs)
+    assert excited.latents.shape == reference.latents.shape
+    assert not torch.allclose(excited.latents, reference.latents)
