@@ -63,6 +63,10 @@ def test_subject_maxima_by_hand():
     k = gaussian_kernel(0.5)
     expected = float(k[1, 1]) * 1.0 + (1 - float(k[1, 1])) * 0.25
     assert float(top[0]) == pytest.approx(expected, rel=1e-4)
+    # renormalised over the words instead: 1/4 everywhere for the uniform map, 1/1.3 at the peak pixel
+    assert torch.allclose(subject_maxima(uniform, length, [(1,)], normalise="renormalise"), torch.tensor([0.25]))
+    top = subject_maxima(peaked, length, [(2,)], normalise="renormalise")
+    assert float(top[0]) == pytest.approx(float(k[1, 1]) / 1.3 + (1 - float(k[1, 1])) * 0.25, rel=1e-5)
 
 
 def test_a_small_gradient_step_lowers_the_loss(model):

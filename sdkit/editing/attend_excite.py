@@ -82,12 +82,21 @@ def gaussian_kernel(sigma: float = 0.5, size: int = 3) -> torch.Tensor:
 
 
 def subject_maxima(maps: torch.Tensor, prompt_length: int, subjects: Sequence[tuple[int, ...]],
-                   sigma: float = 0.5) -> torch.Tensor:
+                   sigma: float = 0.5, normalise: str = "softmax") -> torch.Tensor:
     """For one image: the cross-attention ``maps`` [pixels, tokens] (heads and layers averaged) → the smoothed
     maximum of each subject's map [len(subjects)]. Tokens 1 … prompt_length − 2 (the prompt's words, without the
-    start and end tokens and padding) compete in the softmax."""
+    start and end tokens and padding) compete for each pixel: through the paper's softmax of the attention × 100
+    (``normalise="softmax"``), or with the attention renormalised over them (``"renormalise"``: what the pixel
+    would give the words if the other tokens were masked out; free of the paper's scale, which was set for SD's
+    maps, where the start token takes most of the attention)."""
     side = round(math.sqrt(maps.shape[0]))
-    words = torch.softmax(maps[:, 1:prompt_length - 1] * SOFTMAX_SCALE, dim=-1)          # [pixels, words]
+    words = maps[:, 1:prompt_length - 1]                                                   # [pixels, words]
+    if normalise == "softmax":
+        words = torch.softmax(words * SOFTMAX_SCALE, dim=-1)
+    elif normalise == "renormalise":
+        words = words / words.sum(-1, keepdim=True).clamp(min=1e-12)
+    else:
+        raise ValueError(f"normalise must be 'softmax' (the paper's) or 'renormalise', got {normalise!r}")
     per_subject = torch.stack([words[:, [t - 1 for t in tokens]].sum(-1) for tokens in subjects])
     images = per_subject.reshape(len(subjects), 1, side, side)
     smoothed = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="reflect"), gaussian_kernel(sigma).to(images)[None, None])
@@ -125,7 +134,8 @@ def sampler_grid(plan) -> tuple[list[float], list[float]]:
 
 # ------------------------------------------------------------------------------------------------ the verb
 def excite_losses(model, x: torch.Tensor, t: float, cond: torch.Tensor, prompt_lengths: Sequence[int],
-                  subjects: Sequence[Sequence[tuple[int, ...]]], resolution: int | None):
+                  subjects: Sequence[Sequence[tuple[int, ...]]], resolution: int | None,
+                  normalise: str = "softmax"):
     """Each image's loss (the most neglected subject's 1 − max attention) and its gradient with respect to ``x``."""
     x = x.detach().requires_grad_(True)
     times = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
@@ -133,7 +143,8 @@ def excite_losses(model, x: torch.Tensor, t: float, cond: torch.Tensor, prompt_l
     with torch.enable_grad(), attention_processor(model.unet, recorder, kind="cross"):
         model_eps_fn(model)(x, times, cond)
         maps = averaged_maps(recorder, resolution)
-        losses = torch.stack([(1 - subject_maxima(maps[b], prompt_lengths[b], subjects[b])).max()
+        losses = torch.stack([(1 - subject_maxima(maps[b], prompt_lengths[b], subjects[b],
+                                                  normalise=normalise)).max()
                               for b in range(x.shape[0])])
         (grad,) = torch.autograd.grad(losses.sum(), [x])
     return losses.detach(), grad
@@ -141,7 +152,8 @@ def excite_losses(model, x: torch.Tensor, t: float, cond: torch.Tensor, prompt_l
 
 def excite(model, x: torch.Tensor, t: float, cond: torch.Tensor, prompt_lengths: Sequence[int],
            subjects: Sequence[Sequence[tuple[int, ...]]], step_size: float, target: float | None = None,
-           max_refinement: int = 20, resolution: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           max_refinement: int = 20, resolution: int | None = None,
+           normalise: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
     """One step's excitation of the batch ``x``: with a ``target``, first the iterative refinement (gradient steps
     on the images whose loss is above it, at most ``max_refinement``), then one gradient step on every image.
     Returns (x, each image's loss before that last step)."""
@@ -150,19 +162,19 @@ def excite(model, x: torch.Tensor, t: float, cond: torch.Tensor, prompt_lengths:
 
     if target is not None and step_size > 0:
         for _ in range(max_refinement):
-            losses, grad = excite_losses(model, x, t, cond, prompt_lengths, subjects, resolution)
+            losses, grad = excite_losses(model, x, t, cond, prompt_lengths, subjects, resolution, normalise)
             above = losses > target
             if not bool(above.any()):
                 break
             x = moved(x, losses, grad, above)
-    losses, grad = excite_losses(model, x, t, cond, prompt_lengths, subjects, resolution)
+    losses, grad = excite_losses(model, x, t, cond, prompt_lengths, subjects, resolution, normalise)
     return moved(x, losses, grad, losses > 0).detach(), losses
 
 
 def attend_and_excite(model, prompt: str | Sequence[str], *, subjects: str | Sequence = "shape",
                       excite_steps: int | None = None, step_size: float = 20.0,
                       refinement: dict[float, float] | None = None, max_refinement: int = 20,
-                      resolution: int | None = None, negative_prompt: str | Sequence[str] = "",
+                      resolution: int | None = None, normalise: str = "softmax", negative_prompt: str | Sequence[str] = "",
                       num_images: int | None = None, height: int | None = None, width: int | None = None,
                       steps: int = 20, sampler: str = "dpmpp_2m", guidance_scale: float = 7.5, seed=None,
                       batch_size: int | None = None, progress: bool = True, record: list | None = None, **options):
@@ -171,7 +183,8 @@ def attend_and_excite(model, prompt: str | Sequence[str], *, subjects: str | Seq
     ``subjects``: "shape", "colour+shape" or a list of words (one list per prompt for several prompts);
     ``step_size``: α (0 = no excitation, the same run otherwise); ``refinement``: {fraction of the run: max
     attention every subject must reach} (default the paper's {0: 0.05, 0.2: 0.5, 0.4: 0.8}; {} = none);
-    ``resolution``: the side of the attention maps used (default the finest). ``record``: a list that gets each
+    ``resolution``: the side of the attention maps used (default the finest); ``normalise``: how the words
+    compete for a pixel (:func:`subject_maxima`). ``record``: a list that gets each
     excited step's per-image losses. Other options as :func:`sdkit.txt2img`. Returns a PipelineResult."""
     height = model.default_image_size if height is None else height
     width = model.default_image_size if width is None else width
@@ -207,7 +220,7 @@ def attend_and_excite(model, prompt: str | Sequence[str], *, subjects: str | Seq
         for i in range(excite_steps):
             if step_size or record is not None:
                 x, losses = excite(model, x, ts[i], cond, lengths[batch.part], tokens[batch.part],
-                                   step_size * float(scales[i]), targets.get(i), max_refinement, resolution)
+                                   step_size * float(scales[i]), targets.get(i), max_refinement, resolution, normalise)
                 if record is not None:
                     record.append((i, losses))
             with torch.no_grad():
