@@ -364,3 +364,79 @@ def test_peft_metadata_alpha_is_read(tmp_path):
     assert layers[f"{name}.to_q"].alpha == 8 and layers[f"{name}.to_k"].alpha == 2
     save_file(state, tmp_path / "plain.safetensors")                   # no metadata: α = r, as diffusers reads it
     assert read_lora(tmp_path / "plain.safetensors").layers[f"{name}.to_q"].alpha is None
+
+
+# ====================================================================================== training and the command line
+
+
+def test_training_writes_a_lora_file_and_leaves_the_base(tmp_path):
+    """``sdkit train`` with the LoRA add-on on the tiny-test model: 2 steps, the file at the end holds the trained
+    layers (B moved away from its zero start) and is the add-on's state in the checkpoint; the base is untouched."""
+    from sdkit.training import run as run_mod
+    from sdkit.training.diffusion import ADDON_STATE_KEY
+
+    from sdkit.lora import find_targets
+
+    torch.manual_seed(1)
+    model = build("tiny-test")
+    base = model.state_dict()
+    expected_layers = {t.kohya_name for t in find_targets(model).values() if t.name.endswith((".to_q", ".proj_out"))}
+    torch.save(base, tmp_path / "base.ckpt")
+    config = {
+        "scale_lr": False,
+        "model": {"base_learning_rate": 1.0e-2,
+                  "params": {"first_stage_key": "image", "cond_stage_key": "caption", "image_size": 4},
+                  "training": {"init_from": str(tmp_path / "base.ckpt"),
+                               "addons": {"lora": {"target": "sdkit.lora.training.LoRATraining",
+                                                   "params": {"rank": 2, "layers": ["to_q", "proj_out"],
+                                                              "dtype": "float32"}}}}},
+        "data": {"target": "sdkit.training.DataModule",
+                 "params": {"batch_size": 2, "num_workers": 0,
+                            "train": {"target": "sdkit.data.shapes.ShapesDataset", "params": {"length": 4, "size": 8}}}},
+        "lightning": {"trainer": {"max_steps": 2, "accelerator": "cpu", "enable_progress_bar": False,
+                                  "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0},
+                      "callbacks": {"image_logger": {"params": {"disabled": True}}}},
+    }
+    OmegaConf.save(OmegaConf.create(config), tmp_path / "lora.yaml")
+    logdir = tmp_path / "logs"
+    assert run_mod.main(["-b", "tiny-test", "-b", str(tmp_path / "lora.yaml"), "--name", "lora",
+                         "-l", str(logdir)]) == 0
+    (run_dir,) = logdir.iterdir()
+    lora_file = read_lora(run_dir / "lora" / "lora.safetensors")
+    assert lora_file.layout == "kohya" and {w.rank for w in lora_file.layers.values()} == {2}
+    assert set(lora_file.layers) == expected_layers     # attn1/attn2 to_q and proj_out of each transformer
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    trained = checkpoint[ADDON_STATE_KEY]
+    for name, layer in lora_file.layers.items():
+        up = trained[f"addon_modules.lora.{name}.up"]
+        assert up.abs().max() > 0 and torch.equal(layer.up, up)
+    assert all(torch.equal(checkpoint["state_dict"][k], v) for k, v in base.items() if "num_updates" not in k)
+
+
+def test_cli_generate_applies_loras(tmp_path):
+    """``sdkit generate --lora FILE:SCALE`` (twice) gives the image the Python API gives with the same LoRAs."""
+    import numpy as np
+    from PIL import Image
+
+    from sdkit.cli import main
+
+    model = sdkit.load_model("tiny")
+    files = []
+    for seed in (1, 2):
+        lora = create_lora(model, rank=2, seed=seed)
+        randomise(lora, seed)
+        files.append(lora.save(tmp_path / f"lora{seed}.safetensors"))
+        lora.remove()
+    loras = [load_lora(model, files[0], 0.5), load_lora(model, files[1], 1.5)]
+    expected = sdkit.txt2img(model, "a red circle", steps=2, seed=4, guidance_scale=5.0, progress=False).images[0]
+    for lora in loras:
+        lora.remove()
+    plain = sdkit.txt2img(model, "a red circle", steps=2, seed=4, guidance_scale=5.0, progress=False).images[0]
+    out = tmp_path / "out"
+    assert main(["generate", "a red circle", "--steps", "2", "--seed", "4", "--guidance", "5", "--no-watermark",
+                 "--no-progress", "--out", str(out), "--lora", f"{files[0]}:0.5", "--lora", f"{files[1]}:1.5"]) == 0
+    (png,) = out.iterdir()
+    got = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1       # the same computation, 8-bit
+    assert np.abs(got - np.asarray(plain, dtype=np.int16)).max() > 8           # and the LoRAs changed the image
+    assert main(["generate", "x", "--out", str(out), "--lora", str(tmp_path / "missing.safetensors")]) == 2

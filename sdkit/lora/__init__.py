@@ -15,30 +15,15 @@ wrapper that holds the original as ``base_layer``, so ``to_q.weight`` becomes ``
 keys. It would also not see the SpatialTransformer's 1x1 convs, which sdkit applies as matrix products without
 calling the conv modules. peft (with diffusers) is the test oracle instead.
 """
-from .apply import (
-           LoRA,
-           applied_loras,
-           apply_lora,
-           create_lora,
-           load_lora,
-           match_layers,
-           save_lora,
-)
-from .files import LayerWeights, LoRAError, LoRAFile, read_lora, write_lora
-from .targets import find_targets
+from ..lazy import lazy_exports
 
-__all__ = [
-           "LayerWeights",
-           "LoRA",
-           "LoRAError",
-           "LoRAFile",
-           "applied_loras",
-           "apply_lora",
-           "create_lora",
-           "find_targets",
-           "load_lora",
-           "match_layers",
-           "read_lora",
-           "save_lora",
-           "write_lora",
-]
+# imported on first use, so that the command line's argument parsing (lora/arguments.py) does not import torch
+_EXPORTS = {
+    **dict.fromkeys(("LoRA", "applied_loras", "apply_lora", "create_lora", "load_lora", "match_layers", "save_lora"),
+                    "apply"),
+    **dict.fromkeys(("LayerWeights", "LoRAError", "LoRAFile", "read_lora", "write_lora"), "files"),
+    "find_targets": "targets",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__all__ = ["LayerWeights", "LoRA", "LoRAError", "LoRAFile", "applied_loras", "apply_lora", "create_lora",
+           "find_targets", "load_lora", "match_layers", "read_lora", "save_lora", "write_lora"]

@@ -37,6 +37,10 @@ def _common(parser: argparse.ArgumentParser, *, steps: int, sampler: str, guidan
     sampling.add_argument("--spacing", default="compvis", help="timestep spacing: compvis, leading, trailing, "
                                                                "linspace")
     if text:
+        from ..lora.arguments import lora_argument
+        model.add_argument("--lora", action="append", type=lora_argument, metavar="FILE[:SCALE]",
+                           help="apply a LoRA file (kohya/A1111 or diffusers .safetensors) at SCALE (default 1); "
+                                "repeatable")
         sampling.add_argument("--guidance", type=float, default=guidance, help=f"CFG scale (default {guidance})")
         sampling.add_argument("--negative", default="", help="negative prompt (replaces the empty uncond prompt)")
     sampling.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i")
@@ -147,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
     check_before_loading(args)        # what can be refused without the model is refused before building it
     payload = _payload(args)
     model = load(args)
+    if getattr(args, "lora", None):
+        from ..lora.arguments import apply_lora_arguments
+        apply_lora_arguments(model, args.lora)
     if args.safety_checker:
         from ..safety import SafetyChecker
         common["safety_checker"] = SafetyChecker.from_pretrained(args.safety_checker, device=args.device)
@@ -187,6 +194,9 @@ def check_before_loading(args: argparse.Namespace) -> None:
     from ..checks import device
 
     device(args.device)
+    if getattr(args, "lora", None):
+        from ..lora.arguments import check_lora_files
+        check_lora_files(args.lora)
     if args.ckpt is not None and not os.path.exists(args.ckpt):
         raise FileNotFoundError(f"--ckpt {args.ckpt!r}: no such file or folder")
     for name in ("image", "mask"):
