@@ -372,10 +372,9 @@ def test_peft_metadata_alpha_is_read(tmp_path):
 def test_training_writes_a_lora_file_and_leaves_the_base(tmp_path):
     """``sdkit train`` with the LoRA add-on on the tiny-test model: 2 steps, the file at the end holds the trained
     layers (B moved away from its zero start) and is the add-on's state in the checkpoint; the base is untouched."""
+    from sdkit.lora import find_targets
     from sdkit.training import run as run_mod
     from sdkit.training.diffusion import ADDON_STATE_KEY
-
-    from sdkit.lora import find_targets
 
     torch.manual_seed(1)
     model = build("tiny-test")
