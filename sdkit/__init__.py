@@ -23,11 +23,13 @@ _EXPORTS = {
     # the verbs
     "txt2img": "pipelines", "img2img": "pipelines", "inpaint": "pipelines", "outpaint": "pipelines",
     "upscale": "pipelines", "latent_preview": "pipelines", "PipelineResult": "pipelines",
+    # LoRA files (kohya/A1111, diffusers/PEFT) on a model
+    "load_lora": "lora",
     # sampling on any ε-function
     "sample": "samplers", "SAMPLERS": "samplers", "denoiser": "samplers",
     # the submodules people reach for
     **{name: "" for name in ("nn", "samplers", "pipelines", "schedules", "data", "training", "safety", "watermark",
-                              "widgets", "checkpoints", "diffusion")},
+                              "widgets", "checkpoints", "diffusion", "lora")},
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 __all__ = ["bundled_configs", "get_obj_from_str", "instantiate_from_config", "load_config", *_EXPORTS]

@@ -439,3 +439,17 @@ def test_cli_generate_applies_loras(tmp_path):
     assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1       # the same computation, 8-bit
     assert np.abs(got - np.asarray(plain, dtype=np.int16)).max() > 8           # and the LoRAs changed the image
     assert main(["generate", "x", "--out", str(out), "--lora", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_the_lora_package_lists_resolvable_names_without_importing_torch():
+    import subprocess
+    import sys
+
+    import sdkit.lora
+
+    assert sdkit.load_lora is sdkit.lora.load_lora
+    for name in sdkit.lora.__all__:
+        assert name in dir(sdkit.lora) and getattr(sdkit.lora, name) is not None, name
+    code = "import sys, sdkit.lora, sdkit.lora.arguments; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
