@@ -147,6 +147,7 @@ def test_an_sdkit_kohya_file_gives_diffusers_the_same_model(model, tmp_path):
     try:
         eps, text = outputs(model, x, t, context, ids)
         path = lora.save(tmp_path / "sdkit-lora.safetensors")          # kohya layout by default
+        lora.save(tmp_path / "sdkit-diffusers.safetensors", layout="diffusers")
     finally:
         lora.remove()
     assert rel(eps, base_eps) > 1e-2 and rel(text, base_text) > 1e-2
@@ -155,6 +156,12 @@ def test_an_sdkit_kohya_file_gives_diffusers_the_same_model(model, tmp_path):
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha") for k in keys)
     pipe = diffusers_twins(model)
     pipe.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="sdkit")
+    their_eps, their_text = their_outputs(pipe, x, t, context, ids)
+    assert rel(eps, their_eps) <= TOLERANCE
+    assert rel(text, their_text) <= TOLERANCE
+    # the same LoRA written in the diffusers/PEFT layout (α/r folded into lora_B)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(tmp_path), weight_name="sdkit-diffusers.safetensors", adapter_name="sdkit2")
     their_eps, their_text = their_outputs(pipe, x, t, context, ids)
     assert rel(eps, their_eps) <= TOLERANCE
     assert rel(text, their_text) <= TOLERANCE
