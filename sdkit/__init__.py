@@ -25,11 +25,14 @@ _EXPORTS = {
     "upscale": "pipelines", "latent_preview": "pipelines", "PipelineResult": "pipelines",
     # LoRA files (kohya/A1111, diffusers/PEFT) on a model
     "load_lora": "lora",
+    # textual-inversion embeddings (A1111 .pt / .safetensors) in a model's text encoder
+    "load_embedding": "textual_inversion",
     # sampling on any ε-function
     "sample": "samplers", "SAMPLERS": "samplers", "denoiser": "samplers",
     # the submodules people reach for
     **{name: "" for name in ("nn", "samplers", "pipelines", "schedules", "data", "training", "safety", "watermark",
-                              "widgets", "checkpoints", "diffusion", "lora")},
+                              "widgets", "checkpoints", "diffusion", "lora",
+                              "textual_inversion")},
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 __all__ = ["bundled_configs", "get_obj_from_str", "instantiate_from_config", "load_config", *_EXPORTS]

@@ -12,17 +12,18 @@ placeholder becomes N tokens and N vectors), ``apply.py`` (the entry points). Tr
 ``sdkit train``: ``sdkit.training.textual_inversion``.
 """
 from .apply import (
-                    add_embedding,
-                    added_tokens,
-                    embedding_names,
-                    get_embedding,
-                    load_embedding,
-                    remove_embedding,
-                    save_embedding,
-                    text_encoder,
+    add_embedding,
+    added_tokens,
+    embedding_names,
+    get_embedding,
+    initial_vectors,
+    load_embedding,
+    remove_embedding,
+    save_embedding,
+    text_encoder,
 )
 from .files import Embedding, EmbeddingError, read_embedding, write_embedding
 
 __all__ = ["Embedding", "EmbeddingError", "add_embedding", "added_tokens", "embedding_names", "get_embedding",
-           "load_embedding", "read_embedding", "remove_embedding", "save_embedding", "text_encoder",
-           "write_embedding"]
+           "initial_vectors", "load_embedding", "read_embedding", "remove_embedding", "save_embedding",
+           "text_encoder", "write_embedding"]

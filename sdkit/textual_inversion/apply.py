@@ -106,6 +106,22 @@ def add_embedding(model, name: str, vectors: torch.Tensor, trainable: bool = Fal
     return added_tokens(encoder, create=True).add(name, vectors.to(weight.device, weight.dtype), trainable)
 
 
+def initial_vectors(model, text: str, num_vectors: int) -> torch.Tensor:
+    """Vectors to start training from, A1111's rule: the token embeddings of ``text`` spread over ``num_vectors``
+    (vector i is token i·T/N of its T tokens); zeros when ``text`` has no tokens."""
+    if isinstance(num_vectors, bool) or not isinstance(num_vectors, int) or num_vectors < 1:
+        raise ValueError(f"num_vectors must be a whole number >= 1, got {num_vectors!r}")
+    encoder = text_encoder(model)
+    table = getattr(*_slot(encoder)).weight.detach()
+    tokenizer = encoder.tokenizer.base if isinstance(encoder.tokenizer, PlaceholderTokenizer) else encoder.tokenizer
+    ids = tokenizer.encode(text) if isinstance(encoder, FrozenCLIPEmbedder) else \
+        tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        return torch.zeros(num_vectors, table.shape[1], dtype=table.dtype, device=table.device)
+    rows = table[torch.tensor(ids, device=table.device)]
+    return torch.stack([rows[i * len(ids) // num_vectors] for i in range(num_vectors)]).clone()
+
+
 def load_embedding(model, source: str | Path | Embedding, name: str | None = None) -> str:
     """Load an embedding file (A1111 ``.pt``/``.safetensors``, diffusers ``.bin``/``.safetensors``) or an
     :class:`Embedding` into the model's text encoder; returns the word prompts use (the file name, or ``name``)."""
