@@ -147,6 +147,9 @@ def test_clip_states_and_gradient_match_a_resized_table(small_clip):
     states = ours(prompt)
     reference = oracle(input_ids=ids).last_hidden_state
     assert max_relative(states.detach(), reference.detach()) <= 1e-5   # width 32, 2 layers: float32 rounding
+    # the pooled output is the state at the end token, not at an added id (which is numerically larger)
+    end = int((ids[0] == 49407).nonzero()[0])
+    assert torch.equal(ours.transformer(ids).pooler_output[0], ours.transformer(ids).last_hidden_state[0, end])
     weights = torch.randn(states.shape, generator=torch.Generator().manual_seed(3))
     (states * weights).sum().backward()
     (reference * weights).sum().backward()
