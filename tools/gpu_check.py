@@ -51,7 +51,6 @@ import contextlib
 import copy
 import gc
 import json
-import math
 import os
 import platform
 import signal
@@ -315,7 +314,7 @@ def measure_loops(rec: Recorder, loops: Loops, settings: dict, dtype_name: str, 
     fns = {"sdkit": loops.sdkit, "diffusers": loops.diffusers}
     warm = {}
     for name, fn in fns.items():
-        seconds, _ = timed(lambda: fn(settings["warmup_steps"]), device)
+        seconds, _ = timed(lambda fn=fn: fn(settings["warmup_steps"]), device)
         warm[name] = seconds
         log(f"{dtype_name} {variant_name} {name}: warm-up ({settings['warmup_steps']} steps) {seconds:.1f} s")
     times = {name: [] for name in fns}
@@ -325,9 +324,9 @@ def measure_loops(rec: Recorder, loops: Loops, settings: dict, dtype_name: str, 
         for name in (("sdkit", "diffusers") if r % 2 == 0 else ("diffusers", "sdkit")):
             if r == 0:
                 with peak_memory(device, memory[name]):
-                    seconds, finals[name] = timed(lambda: fns[name](steps), device)
+                    seconds, finals[name] = timed(lambda f=fns[name]: f(steps), device)
             else:
-                seconds, _ = timed(lambda: fns[name](steps), device)
+                seconds, _ = timed(lambda f=fns[name]: f(steps), device)
             times[name].append(seconds)
             log(f"{dtype_name} {variant_name} {name}: {steps} steps in {seconds:.3f} s = {steps / seconds:.2f} it/s")
     a, b = finals["sdkit"].float(), finals["diffusers"].float()
@@ -421,7 +420,7 @@ def group_compile(rec: Recorder, settings: dict, args, device, deadline, dtype_n
     from torch._dynamo.utils import counters
     with torch.no_grad():
         for name, fn in (("sdkit", loops.sdkit), ("diffusers", loops.diffusers)):
-            seconds, _ = timed(lambda: fn(settings["warmup_steps"]), device)
+            seconds, _ = timed(lambda fn=fn: fn(settings["warmup_steps"]), device)
             compile_s[name] = seconds
             log(f"{dtype_name} compile {name}: first {settings['warmup_steps']} steps (compiling) {seconds:.1f} s")
             rec.add(item="compile_warmup", lib=name, dtype=dtype_name, backend=args.compile_backend,
@@ -480,7 +479,7 @@ def group_train(rec: Recorder, settings: dict, args, device, deadline) -> None:
         batch = synthetic_batch(settings, batch_size)
         times, losses, mem = [], [], {}
 
-        def step(i):
+        def step(i, batch=batch):
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss, _, _ = module.shared_step(batch, i, "train", ucg)
             loss.backward()
@@ -495,7 +494,7 @@ def group_train(rec: Recorder, settings: dict, args, device, deadline) -> None:
             log(f"train batch {batch_size}: warm-up step {warm:.2f} s (loss {loss:.4f})")
             with peak_memory(device, mem):
                 for i in range(settings["train_steps"]):
-                    seconds, loss = timed(lambda: step(i + 1), device)
+                    seconds, loss = timed(lambda i=i: step(i + 1), device)
                     times.append(seconds)
                     losses.append(loss)
                     log(f"train batch {batch_size}: step {i + 1} {seconds:.3f} s (loss {loss:.4f})")
@@ -509,6 +508,29 @@ def group_train(rec: Recorder, settings: dict, args, device, deadline) -> None:
             rec.add(item="error", what=f"train batch {batch_size}", error=f"out of memory: {e}"[:300])
             optimizer.zero_grad(set_to_none=True)
             free(device)
+
+
+def _safe(fn, *a):
+    try:
+        return fn(*a)
+    except Exception as e:  # noqa: BLE001 - a diagnostic must not lose the measurement
+        return f"{type(e).__name__}: {e}"
+
+
+def buffer_dtypes(module) -> dict:
+    """dtypes of the buffers mixed precision could touch (FSDP's MixedPrecision has a buffer_dtype): the noise
+    schedule and the EMA copy, which need float32 (an EMA of decay 0.9999 does not move in bf16)."""
+    out = {}
+    ldm = module.ldm
+    for name in ("alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "scale_factor"):
+        t = getattr(ldm, name, None)
+        if t is not None and hasattr(t, "dtype"):
+            out[name] = str(t.dtype)
+    ema = getattr(ldm, "model_ema", None)
+    if ema is not None:
+        dtypes = sorted({str(b.dtype) for b in ema.buffers()})
+        out["model_ema"] = dtypes
+    return out
 
 
 def group_fsdp(rec: Recorder, settings: dict, args, device, deadline) -> None:
@@ -577,7 +599,7 @@ def group_fsdp(rec: Recorder, settings: dict, args, device, deadline) -> None:
             global_step=trainer.global_step, step_s=timer.times[-1] if timer.times else None, steps_s=timer.times,
             peak_gb=max((p for p in timer.peaks if p is not None), default=None),
             peak_abs_process_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            fit_s=fit_s, build_s=None)
+            fit_s=fit_s, buffer_dtypes=_safe(buffer_dtypes, module))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -670,6 +692,10 @@ def table(records: list[dict], env: dict, settings: dict, smoke: bool) -> str:
             lines.append(f"| {dt} | {var} | {fmt(s and s['it_s'])} | {fmt(d and d['it_s'])} | {fmt(ratio)} | "
                          f"{fmt(s and s['peak_gb'])} | {fmt(d and d['peak_gb'])} | {comp} | "
                          f"{fmt((s or d or {}).get('final_latent_rel_diff_vs_other'), '.1e')} |")
+        for r in (r for r in records if r.get("item") == "compile_warmup"):
+            lines.append(f"- compile {r['dtype']} {r['lib']}: first call {fmt(r['seconds'], '.0f')} s "
+                         f"({r['backend']}, mode {r['mode']}), {r.get('unique_graphs')} graph(s), "
+                         f"{r.get('graph_breaks')} graph break(s) {r.get('graph_break_reasons') or ''}")
         lines += ["", "peak GB = the model's weights (UNet + VAE + CLIP, the same tensors for both) + the loop's "
                       "peak above them (torch.cuda.max_memory_allocated). Time ratio below 1: sdkit is faster.", ""]
     lines += ["Published anchors (512x512, 50 steps, fp16, one image):", ""]
@@ -687,7 +713,7 @@ def table(records: list[dict], env: dict, settings: dict, smoke: bool) -> str:
         lines.append("")
     tr = [r for r in records if r.get("item") == "train_step"]
     if tr:
-        lines += ["## Training step (bf16 autocast, gradient checkpointing, AdamW, EMA; VAE + CLIP encode included)",
+        lines += ["## Training step (bf16 autocast, gradient checkpointing, AdamW, EMA update when the config has EMA; VAE + CLIP encode included)",
                   "", "| config | batch | image | s/step | images/s | peak GB |", "|---|---|---|---|---|---|"]
         for r in tr:
             lines.append(f"| {r['config']} | {r['batch']} | {r['image']}² | {fmt(r['step_s'], '.3f')} | "
@@ -699,7 +725,7 @@ def table(records: list[dict], env: dict, settings: dict, smoke: bool) -> str:
                   f"strategy {r['strategy']}, precision {r['precision']}, batch {r['batch']} at {r['image']}², "
                   f"{r['global_step']} steps: last step {fmt(r['step_s'], '.3f')} s (all: "
                   f"{', '.join(fmt(t, '.3f') for t in r['steps_s'])}), peak {fmt(r['peak_gb'])} GB, "
-                  f"fit() {fmt(r['fit_s'], '.1f')} s in all", ""]
+                  f"fit() {fmt(r['fit_s'], '.1f')} s in all; buffer dtypes after fit: {r.get('buffer_dtypes')}", ""]
     other = [r for r in records if r.get("item") in ("error", "skipped", "group")]
     if other:
         lines += ["## Groups, skips and errors", ""]
@@ -725,6 +751,9 @@ def parent(args, argv: list[str]) -> int:
     deadline = start + budget
     import torch
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log("no CUDA device here: run `bash tools/gpu_check.sh --cpu-smoke` on a machine without a GPU")
+        return 2
     env = environment(device)
     log(f"gpu_check: {'CPU smoke' if args.cpu_smoke else 'GPU'} mode, budget {budget:.0f} s, out {out}")
     log("environment: " + json.dumps(env))
