@@ -56,6 +56,8 @@ def rates(images, items) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=60)
+    parser.add_argument("--skip", type=int, default=0,
+                        help="leave out the first SKIP two-group prompts (e.g. those a variant was chosen on)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--batch", type=int, default=20)
@@ -65,11 +67,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = sdkit.load_model("tiny")
-    items = two_group_prompts(args.n)
+    items = two_group_prompts(args.skip + args.n)[args.skip:]
     prompts = [p for p, _ in items]
     common = {"steps": args.steps, "guidance_scale": args.guidance, "progress": False}
     lines = [f"$ python benchmarks/{os.path.basename(__file__)} {' '.join(sys.argv[1:])}",
-             f"{args.n} two-group held-out prompts (shapes validation split, seed 1), seeds 0..{args.n - 1}, "
+             f"{args.n} two-group held-out prompts (shapes validation split, seed 1; the first {args.skip} left "
+             f"out), seeds 0..{args.n - 1}, "
              f"dpmpp_2m {args.steps} steps, guidance {args.guidance:g}, shipped tiny model",
              "", f"{'run':44s} {'colour+shape':>12s} {'count':>6s} {'everything':>10s} {'seconds':>8s}"]
     verdicts = {}
@@ -78,6 +81,7 @@ def main() -> None:
         start, images = time.perf_counter(), []
         for i in range(0, args.n, args.batch):
             images += generate(prompts[i:i + args.batch], i).images
+            print(f"  {name}: {len(images)}/{args.n}", flush=True)
         r = rates(images, items)
         verdicts[name] = r["verdicts"]
         lines.append(f"{name:44s} {r['colour_and_shape']:12.1%} {r['count']:6.1%} {r['correct']:10.1%} "
