@@ -6,6 +6,13 @@
 #   (device)      bash tools/gpu_check.sh                   # carry: [".whl"]; about 7.5 min; results in $OUT
 #   (here)        bash tools/gpu_check.sh --cpu-smoke       # every code path on tiny configs, on the CPU
 #
+# On a lent machine (the session's `run` tool): the tree that travels must stay under 64 MiB, and the shipped
+# data/*.safetensors (66 MiB, not needed here: every model is built with random weights) do not fit beside the
+# rest; tools/gpu_wheels.sh prints the sizes. Move them aside for the one call, then back:
+#   mkdir -p /tmp/sdkit-hold && mv data/*.safetensors /tmp/sdkit-hold/
+#   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=540)   # then give_back
+#   mv /tmp/sdkit-hold/*.safetensors data/
+#
 # Extra arguments go to tools/gpu_check.py (--budget SECONDS, --groups eager train ..., --steps N,
 # --sampler ddim|dpmpp_2m, --compile-mode MODE, --train-batch 8 32, --strict).
 # Output: $OUT (else ./gpu_check_out): gpu_check.md (the table + published anchors), gpu_check.json,
