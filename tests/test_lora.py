@@ -460,3 +460,24 @@ def test_the_lora_package_lists_resolvable_names_without_importing_torch():
     code = "import sys, sdkit.lora, sdkit.lora.arguments; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_the_lora_recipe_trains_the_shipped_model():
+    """The recipe's model is the shipped tiny model's config (the base the LoRA is made for, from the shipped
+    weights), it passes sdkit train's checks, and its LoRA is the documented one: rank 8 on 128 attention
+    projections, a float16 kohya file under 1 MB."""
+    from sdkit.training.run import check_config
+
+    recipe = sdkit.load_config("recipes/lora/train-tiny-lora")
+    check_config(recipe, ["recipes/lora/train-tiny-lora"])
+    shipped = sdkit.load_config("tiny").model.params
+    params = {k: v for k, v in recipe.model.params.items() if k not in ("ucg_probability", "use_ema")}
+    assert OmegaConf.to_container(OmegaConf.create(params)) == OmegaConf.to_container(
+        OmegaConf.create({k: v for k, v in shipped.items() if k != "use_ema"}))
+    assert recipe.model.training.init_from == "data/tiny.safetensors"
+    lora_params = recipe.model.training.addons.lora.params
+    model = sdkit.load_model("tiny")
+    lora = create_lora(model, lora_params.rank, layers=tuple(lora_params.layers))
+    assert len(lora.targets) == 128 and lora.rank == 8
+    n_values = sum(p.numel() for p in lora.parameters())
+    assert 2 * n_values < 1_000_000          # float16: 2 bytes a value (the file adds a small header)
