@@ -57,7 +57,7 @@ def swap(scene: Scene, i: int) -> tuple[Scene, int, str]:
 
 
 def measure(model, n: int, steps: int, guidance: float, cross: float, self_: float, batch: int,
-            dataset_seed: int) -> dict:
+            dataset_seed: int, on_batch=None) -> dict:
     data = ShapesDataset(length=n, size=64, seed=dataset_seed, split="validation", caption_style="canonical")
     scenes = [Scene.from_dict(data[i]["meta"]["scene"]) for i in range(n)]
     edits = [swap(scene, i) for i, scene in enumerate(scenes)]
@@ -80,6 +80,8 @@ def measure(model, n: int, steps: int, guidance: float, cross: float, self_: flo
                 row[name] = (check(image, edited_scene).groups[k]["colour_and_shape"],
                              iou(object_mask(image), source_mask))
             rows.append(row)
+        if on_batch is not None:                 # a partial report after every batch: long runs can be read early
+            on_batch({"rows": rows, "seconds": time.perf_counter() - start})
     return {"rows": rows, "seconds": time.perf_counter() - start}
 
 
@@ -128,13 +130,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = sdkit.load_model("tiny")
+    partial = Path(args.out).with_suffix(".partial.txt") if args.out else None
     out = measure(model, args.n, args.steps, args.guidance, args.cross, args.self, args.batch,
-                  args.dataset_seed)
+                  args.dataset_seed, on_batch=lambda o: partial and partial.write_text(report(o, args) + "\n"))
     text = report(out, args)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
         print(f"wrote {args.out}")
+        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
