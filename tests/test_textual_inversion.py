@@ -181,7 +181,9 @@ def test_remove_restores_the_encoder_and_dtype_follows(small_clip):
     with torch.no_grad():
         before = ours(["a <a1> and a <b2>"])
     add_embedding(ours, "<a1>", torch.randn(1, 32))
+    first_wrapper = ours.tokenizer
     add_embedding(ours, "<b2>", torch.randn(2, 32))
+    assert ours.tokenizer is not first_wrapper      # caches keyed by the tokenizer start afresh
     assert embedding_names(ours) == ["<a1>", "<b2>"]
     assert ours.tokenizer(["a <b2> <a1>"])["input_ids"][0, :5].tolist() == [49406, 320, 49409, 49410, 49408]
     ours.to(torch.float64)

@@ -103,7 +103,16 @@ def add_embedding(model, name: str, vectors: torch.Tensor, trainable: bool = Fal
                              f"{_describe(encoder)}; use an embedding made for this model")
     _check_name(encoder, name, added_tokens(encoder))
     weight = getattr(parent, attr).weight
-    return added_tokens(encoder, create=True).add(name, vectors.to(weight.device, weight.dtype), trainable)
+    param = added_tokens(encoder, create=True).add(name, vectors.to(weight.device, weight.dtype), trainable)
+    _renew_tokenizer(encoder)
+    return param
+
+
+def _renew_tokenizer(encoder) -> None:
+    """A new wrapper object after each change, so caches keyed by the tokenizer (word piece counts of grounding and
+    attention maps) never keep a count from before a word became a placeholder."""
+    old = encoder.tokenizer
+    encoder.tokenizer = PlaceholderTokenizer(old.base, old.added, old.layout)
 
 
 def initial_vectors(model, text: str, num_vectors: int) -> torch.Tensor:
@@ -168,3 +177,5 @@ def remove_embedding(model, name: str) -> None:
         parent, attr = _slot(encoder)
         setattr(parent, attr, getattr(parent, attr).plain())
         encoder.tokenizer = encoder.tokenizer.base
+    else:
+        _renew_tokenizer(encoder)
