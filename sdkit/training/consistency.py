@@ -106,6 +106,7 @@ class ConsistencyDistillationModule(LatentDiffusionModule):
             raise ValueError(f"ema_decay must be in [0, 1) (0: the target is the student itself), got {ema_decay}")
         self.ldm.requires_grad_(False)           # the teacher is frozen; the student is the delta alone
         self.ldm.use_ema = False                 # (LatentDiffusionModule would update an EMA of the UNet)
+        self.ldm.monitor = "val/loss_lcm"        # what sdkit train keeps the best checkpoint by (validation_step)
         self.ldm.scheduler_config = None if not warm_up_steps else {
             "target": "sdkit.lr_schedulers.LambdaLinearScheduler",
             "params": {"warm_up_steps": [int(warm_up_steps)], "cycle_lengths": [10 ** 13], "f_start": [1e-6],
