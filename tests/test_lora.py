@@ -405,9 +405,16 @@ def test_training_writes_a_lora_file_and_leaves_the_base(tmp_path):
     }
     OmegaConf.save(OmegaConf.create(config), tmp_path / "lora.yaml")
     logdir = tmp_path / "logs"
-    assert run_mod.main(["-b", "tiny-test", "-b", str(tmp_path / "lora.yaml"), "--name", "lora",
-                         "-l", str(logdir)]) == 0
+    base_args = ["-b", "tiny-test", "-b", str(tmp_path / "lora.yaml"), "-l", str(logdir)]
+    assert run_mod.main([*base_args, "--name", "lora"]) == 0
     (run_dir,) = logdir.iterdir()
+    # a run stopped after its first step and resumed trains the same LoRA as the unbroken run
+    assert run_mod.main([*base_args, "--name", "first-step", "lightning.trainer.max_steps=1"]) == 0
+    (stopped,) = [p for p in logdir.iterdir() if p.name.endswith("first-step")]
+    assert run_mod.main(["--resume", str(stopped), "lightning.trainer.max_steps=2"]) == 0
+    resumed = load_file(stopped / "lora" / "lora.safetensors")
+    unbroken = load_file(run_dir / "lora" / "lora.safetensors")
+    assert resumed.keys() == unbroken.keys() and all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
     lora_file = read_lora(run_dir / "lora" / "lora.safetensors")
     assert lora_file.layout == "kohya" and {w.rank for w in lora_file.layers.values()} == {2}
     assert set(lora_file.layers) == expected_layers     # attn1/attn2 to_q and proj_out of each transformer
