@@ -4,7 +4,7 @@ Oracles: the LoCon form computed with plain convolutions (down conv to r channel
 DDIMScheduler for the teacher's guided step and LCMScheduler for the boundary-condition consistency function; the
 pseudo-Huber formula. Float32 tolerances: the paths differ in summation order (a UNet run at batch 2B against B,
 a merged weight against two convolutions), each contributing a few ulps (1.2e-7) per layer through ~40 layers;
-1e-4 relative leaves ≥ 10× margin over what was measured (≤ 1e-5).
+1e-4 relative leaves a 100× margin over what was measured (≤ 1e-6, 1 and 2 threads).
 """
 import math
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, LCMScheduler
+from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
 import sdkit
@@ -26,6 +27,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.m
               pytest.mark.usefixtures("one_thread")]
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+diffusers_logging.set_verbosity_error()   # LCMScheduler warns about one-timestep custom schedules: wanted here
 
 
 def rel(a, b):
