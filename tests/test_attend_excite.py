@@ -82,14 +82,14 @@ def test_a_small_gradient_step_lowers_the_loss(model):
 
 
 def test_without_excitation_on_ddim_it_is_txt2img(model):
-    kwargs = dict(sampler="ddim", steps=6, guidance_scale=5.0, seed=3, height=32, width=32, progress=False)
+    kwargs = dict(sampler="ddim", steps=4, guidance_scale=5.0, seed=3, height=32, width=32, progress=False)
     reference = sdkit.txt2img(model, [PROMPT, PROMPT], **kwargs)
     record = []
-    plain = attend_and_excite(model, [PROMPT, PROMPT], step_size=0.0, excite_steps=3, record=record, **kwargs)
+    plain = attend_and_excite(model, [PROMPT, PROMPT], step_size=0.0, excite_steps=2, record=record, **kwargs)
     # the same DDIM steps, written twice (here and in the sampler): float32 rounding of a few ops per step
     assert torch.allclose(plain.latents, reference.latents, atol=1e-5 * float(reference.latents.abs().max()))
-    assert [i for i, _ in record] == [0, 1, 2]
-    excited = attend_and_excite(model, [PROMPT, PROMPT], step_size=20.0, excite_steps=3, max_refinement=2,
+    assert [i for i, _ in record] == [0, 1]
+    excited = attend_and_excite(model, [PROMPT, PROMPT], step_size=20.0, excite_steps=2, max_refinement=1,
                                 **kwargs)
     assert excited.latents.shape == reference.latents.shape
     assert not torch.allclose(excited.latents, reference.latents)

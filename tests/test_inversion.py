@@ -86,7 +86,7 @@ def test_inversion_is_exact_when_eps_does_not_depend_on_x():
 
 
 def test_null_text_optimisation_makes_guided_sampling_follow_the_pivot():
-    x0, steps, scale = start(), 10, 3.0
+    x0, steps, scale = start(), 6, 3.0
     c = 0.2 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     empty = torch.zeros(1, *x0.shape[1:], dtype=torch.float64)
 
@@ -96,14 +96,14 @@ def test_null_text_optimisation_makes_guided_sampling_follow_the_pivot():
     pivot = invert_ddim(lambda x, t: model_eps(x, t, c), x0, AC, steps, progress=False)
     guided = sample(lambda x, t: cfg_combine(model_eps(x, t, empty), model_eps(x, t, c), scale), pivot[0], AC,
                     "ddim", steps, progress=False)
-    nulls, losses = optimise_null_text(model_eps, pivot, c, empty, AC, steps, scale, inner_steps=50, learning_rate=0.05,
+    nulls, losses = optimise_null_text(model_eps, pivot, c, empty, AC, steps, scale, inner_steps=30, learning_rate=0.05,
                                        tolerance=0.0, progress=False)
-    assert len(nulls) == steps and all(n.shape == x0.shape for n in nulls)
+    assert len(nulls) == len(sampling_grid(AC, steps)[0]) == 7 and all(n.shape == x0.shape for n in nulls)  # compvis
     back = sample(stepwise_guided_eps_fn(model_eps, c, nulls, sampling_grid(AC, steps)[0], scale), pivot[0], AC,
                   "ddim", steps, progress=False)
     # sampling with the embeddings retraces the optimiser's own last step: its reported loss, to rounding
     assert float((back - x0).square().flatten(1).mean(1).max()) == pytest.approx(losses[-1], rel=1e-9)
-    # an exact solution exists at every step; 50 Adam steps get the error down ~100x (measured 2.6 -> 0.02)
+    # an exact solution exists at every step; 30 Adam steps get the error down ~190x (measured 3.5 -> 0.019)
     assert float((back - x0).abs().max()) < float((guided - x0).abs().max()) / 30
 
 
