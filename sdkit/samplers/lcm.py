@@ -13,8 +13,10 @@ prediction (no noise after it).
 
 Timesteps, as ``LCMScheduler.set_timesteps``: the distillation grid of ``original_inference_steps`` (50) DDIM
 timesteps, k·j − 1 for j = 1 … 50 with k = T/50 (19, 39, …, 999), highest first; ``steps`` of them at the indices
-⌊i · 50/steps⌋ (4 steps: 999, 759, 499, 259). Only models distilled for consistency (``sdkit.training.consistency``)
-give images at a few steps; on an ordinary ε-model this is a crude ancestral sampler.
+⌊i · 50/steps⌋ (4 steps: 999, 759, 499, 259). It is meant for models distilled for consistency
+(``sdkit.training.consistency``); on an ordinary ε-model it is a coarse ancestral sampler (the shipped tiny model,
+not distilled, at 4 steps: colour+shape right for 81.5% of the 200 held-out prompts without guidance, 72.0% with
+guidance 5, against 90.0% at its 20 guided DPM-Solver++(2M) steps).
 """
 from __future__ import annotations
 
