@@ -108,3 +108,23 @@ def test_a_dreambooth_run_from_configs(tmp_path, class_folder):
     (run_dir,) = logdir.iterdir()
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2
+
+
+def test_the_hexagon_dreambooth_recipe_checks():
+    """The recipe merged over the shipped model's config passes sdkit train's checks; its instance images are 8
+    hexagons under the identifier, and its class prompts name only the shapes the model already knows."""
+    import sdkit
+    from sdkit.data.shapes import SHAPES
+    from sdkit.training.datamodule import build_dataset
+    from sdkit.training.run import check_config
+
+    name = "recipes/concepts/hexagon-dreambooth"
+    config = OmegaConf.merge(sdkit.load_config("tiny"), sdkit.load_config(name))
+    check_config(config, ["tiny", name])
+    train = config.data.params.train.params
+    instance = build_dataset(train.instance)
+    assert len(instance) == 8 and all(" sks" in instance[i]["caption"] for i in range(8))
+    prompts = build_dataset(train.class_images.params.prompts)
+    assert len(prompts) == train.class_images.params.count == 64
+    assert {g["shape"] for i in range(64) for g in prompts[i]["meta"]["scene"]["groups"]} <= set(SHAPES)
+    assert train.prior_weight == 1.0 and config.model.training.init_from == "data/tiny.safetensors"

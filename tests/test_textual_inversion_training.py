@@ -100,3 +100,26 @@ def test_a_run_trains_only_the_word_and_writes_the_a1111_file(tmp_path):
     data = torch.load(run_dir / "embeddings" / "hexagon-ti.pt", weights_only=True)
     assert data["name"] == "hexagon-ti" and data["step"] == 3 and data["string_to_token"] == {"*": 265}
     assert torch.equal(data["string_to_param"]["*"], trained)
+
+
+def test_the_hexagon_recipe_builds_on_the_shipped_model():
+    """The recipe merged over the shipped model's config passes sdkit train's checks, its 8 training images are
+    hexagons captioned with the word, and on the shipped weights one step's gradient reaches only the word."""
+    import sdkit
+    from sdkit.training.datamodule import build_dataset, collate
+    from sdkit.training.run import build_module, check_config
+
+    name = "recipes/concepts/hexagon-textual-inversion"
+    config = OmegaConf.merge(sdkit.load_config("tiny"), sdkit.load_config(name))
+    check_config(config, ["tiny", name])
+    data = build_dataset(config.data.params.train)
+    assert len(data) == 8 and all("hexagon-ti" in data[i]["caption"] for i in range(8))
+    assert {g["shape"] for i in range(8) for g in data[i]["meta"]["scene"]["groups"]} == {"hexagon"}
+    torch.manual_seed(0)
+    module = build_module(config, 5e-3, 0)
+    table = module.ldm.cond_stage_model.model.embeddings.word_embeddings.weight
+    (word,) = module.trainable_parameters()
+    assert word.shape == (2, 384) and not any(p.requires_grad for p in module.ldm.parameters())
+    loss, _, _ = module.shared_step(collate([dict(data[i], index=i) for i in range(4)]), 0, "train", 0.0)
+    loss.backward()
+    assert word.grad is not None and word.grad.abs().max() > 0 and table.grad is None
