@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import sdkit  # noqa: E402
-from sdkit.nn.lowrank import merge_delta_file  # noqa: E402
-from sdkit.pipelines import txt2img  # noqa: E402
+import sdkit
+from sdkit.nn.lowrank import merge_delta_file
+from sdkit.pipelines import txt2img
 
 PROMPT = "a red circle and a blue square on a white background"
 
@@ -55,8 +55,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base, distilled = sdkit.load_model("tiny"), load_distilled(args.delta)
-    settings = {"base": (base, dict(sampler="dpmpp_2m", steps=20, guidance_scale=5.0)),
-                "distilled": (distilled, dict(sampler="lcm", steps=args.steps, guidance_scale=1.0))}
+    settings = {"base": (base, {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 5.0}),
+                "distilled": (distilled, {"sampler": "lcm", "steps": args.steps, "guidance_scale": 1.0})}
     times: dict[str, list[float]] = {name: [] for name in settings}
     with torch.inference_mode():
         for name, (model, options) in settings.items():

@@ -6,7 +6,6 @@ pseudo-Huber formula. Float32 tolerances: the paths differ in summation order (a
 a merged weight against two convolutions), each contributing a few ulps (1.2e-7) per layer through ~40 layers;
 1e-4 relative leaves a 100× margin over what was measured (≤ 1e-6, 1 and 2 threads).
 """
-import math
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ from sdkit.training.datamodule import collate
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.usefixtures("one_thread")]
 
-SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 diffusers_logging.set_verbosity_error()   # LCMScheduler warns about one-timestep custom schedules: wanted here
 
 

@@ -19,7 +19,7 @@ from sdkit.samplers.lcm import boundary_scalings, lcm_timesteps
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.usefixtures("one_thread")]
 
-SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 SHAPE = (2, 4, 8, 8)
 TOL = 1e-5
 

@@ -199,7 +199,7 @@ def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
         raise FileNotFoundError(f"no low-rank delta file at {path}")
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}   # noqa: SIM118 (safe_open has keys(), no iteration)
     if meta.get("format") != "sdkit-lowrank-delta":
         raise DeltaFileError(f"{path} is not an sdkit low-rank delta file (metadata format "
                              f"{meta.get('format')!r}); LoRA files of the attention layers load with sdkit.lora")

@@ -39,8 +39,8 @@ Every checkpoint also writes the target network's delta to ``<run>/lcm/tiny-lcm-
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
