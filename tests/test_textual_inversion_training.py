@@ -86,8 +86,8 @@ def test_a_run_trains_only_the_word_and_writes_the_a1111_file(tmp_path):
     config_file = tmp_path / "ti.yaml"
     OmegaConf.save(OmegaConf.create(cfg), config_file)
     logdir = tmp_path / "logs"
-    args = ["-b", "tiny-test", "-b", str(config_file), "--name", "ti", "-l", str(logdir), "--scale_lr", "false"]
-    assert run_mod.main(args) == 0
+    base_args = ["-b", "tiny-test", "-b", str(config_file), "-l", str(logdir), "--scale_lr", "false"]
+    assert run_mod.main([*base_args, "--name", "ti"]) == 0
     (run_dir,) = logdir.iterdir()
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     state = checkpoint["state_dict"]
@@ -100,6 +100,12 @@ def test_a_run_trains_only_the_word_and_writes_the_a1111_file(tmp_path):
     data = torch.load(run_dir / "embeddings" / "hexagon-ti.pt", weights_only=True)
     assert data["name"] == "hexagon-ti" and data["step"] == 3 and data["string_to_token"] == {"*": 265}
     assert torch.equal(data["string_to_param"]["*"], trained)
+    # a run stopped after its first step and resumed learns the same word as the unbroken run
+    assert run_mod.main([*base_args, "--name", "first-step", "lightning.trainer.max_steps=1"]) == 0
+    (stopped,) = [p for p in logdir.iterdir() if p.name.endswith("first-step")]
+    assert run_mod.main(["--resume", str(stopped), "lightning.trainer.max_steps=3"]) == 0
+    resumed = torch.load(stopped / "embeddings" / "hexagon-ti.pt", weights_only=True)
+    assert resumed["step"] == 3 and torch.equal(resumed["string_to_param"]["*"], trained)
 
 
 def test_the_hexagon_recipe_builds_on_the_shipped_model():
