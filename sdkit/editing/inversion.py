@@ -28,6 +28,11 @@ prompt (and prompt-to-prompt's attention injection) they edit it.
     z = sample_inversion(model, inv, prompt="a blue circle")  # the edit
     eps_fn = inverted_eps_fn(model, inv, ["a red circle", "a blue circle"])   # for your own loop / editor
 
+Measured (benchmarks/inversion.py, shipped tiny model, 6 held-out 64×64 images, PSNR against the image): the VAE
+alone gives 28.32 dB; DDIM inversion sampled back at guidance 1 27.24 / 27.77 dB (20 / 50 steps), at guidance 5
+22.0 / 21.9 dB; with 3 fixed-point iterations 28.32 dB (the VAE's ceiling) and null-text inversion at guidance 5
+28.28 / 28.26 dB.
+
 Latents are the scaled latents the UNet sees; the image is encoded with the posterior's mean (no sampling noise).
 """
 from __future__ import annotations
