@@ -24,8 +24,9 @@ first-order member of every sampler family here); the rest of the run is the cho
     result.images[0]
 
 Measured on the shipped tiny model (benchmarks/attend_excite.py, 40 held-out two-group prompts, same seeds,
-guidance 5, 20 steps): it does not help. Colour+shape 67.5% with excitation (renormalised maps, 16×16, α = 20)
-against 77.5% for the same run without it (80.0% for plain txt2img); the paper's ×100 softmax did worse still on
+guidance 5, 20 steps): it does not help. Colour+shape 67.5% with excitation (renormalised maps, 16×16, α = 20),
+75.0% and 72.5% with the colour and shape words as subjects and α = 10 (16×16 and 8×8 maps), against 77.5% for
+the same run without it (80.0% for plain txt2img); the paper's ×100 softmax did worse still on
 the 12 prompts used to choose (41.7% against 66.7%). This model was trained with an attention grounding loss, so
 its subject words already own their regions; pushing one word's maximum up mostly moves objects around.
 
