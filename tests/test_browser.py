@@ -40,6 +40,11 @@ def start_jupyterlab(root: Path, port: int) -> subprocess.Popen:
     for var, sub in [("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_DATA_DIR", "data"),
                      ("JUPYTER_RUNTIME_DIR", "runtime"), ("IPYTHONDIR", "ipython"), ("MPLCONFIGDIR", "mpl")]:
         env[var] = str(root / ".home" / sub)   # leave nothing in $HOME
+    # every cell attached to the page: JupyterLab 4 otherwise skips rendering cells outside the viewport, and "Run
+    # All" scrolls to the last cell, past the explorer in a notebook that goes on after it
+    settings = root / ".home" / "config" / "lab" / "user-settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True, exist_ok=True)
+    (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
     # the kernel must find the kernelspec of this Python (JUPYTER_DATA_DIR moved away from the venv's)
     subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix", str(root / ".home" / "prefix")],
                    env=env, check=True, capture_output=True)
@@ -77,7 +82,7 @@ def wait_idle(page, seconds: float = 1.0, timeout: float = 120.0) -> None:
     raise TimeoutError("the kernel did not become idle")
 
 
-def move_guidance_slider(screenshot: Path, timeout_s: float = 240.0) -> dict:
+def move_guidance_slider(screenshot: Path, timeout_s: float = 480.0) -> dict:
     """Run the tour in JupyterLab, press the guidance slider's ← key 4 times, return what was seen."""
     from playwright.sync_api import sync_playwright
 
