@@ -15,3 +15,19 @@ def one_thread():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: builds full-size SD models (still runs in CI; deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="module")
+def live_tiny_test():
+    """tiny-test with random weights whose zero-initialised layers (the UNet's output conv, the transformers'
+    proj_out) get small random weights too, so that ε depends on the latent and the prompt. Only plumbing can be
+    tested on it: it is not a denoiser."""
+    import sdkit
+
+    torch.manual_seed(0)
+    model = sdkit.load_model("tiny-test")
+    with torch.no_grad():
+        for p in model.model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    return model

@@ -20,16 +20,8 @@ PROMPT = "a red circle and a blue square"
 
 
 @pytest.fixture(scope="module")
-def model():
-    """tiny-test (CLIP tokenizer, random weights) with its zero-initialised layers given small random weights, so
-    that the attention maps and ε depend on the latent."""
-    torch.manual_seed(0)
-    m = sdkit.load_model("tiny-test")
-    with torch.no_grad():
-        for p in m.model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    return m
+def model(live_tiny_test):
+    return live_tiny_test   # tests/conftest.py: tiny-test whose zero-initialised layers got small random weights
 
 
 def test_subject_tokens_by_hand(model):

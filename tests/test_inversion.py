@@ -122,16 +122,8 @@ def untrained():
 
 
 @pytest.fixture(scope="module")
-def model():
-    """tiny-test whose zero-initialised layers (the UNet's output conv, the transformers' proj_out) get small
-    random weights too, so that ε depends on x and on the prompt (not a denoiser: only the plumbing is tested)."""
-    torch.manual_seed(0)
-    m = sdkit.load_model("tiny-test")
-    with torch.no_grad():
-        for p in m.model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    return m
+def model(live_tiny_test):
+    return live_tiny_test   # tests/conftest.py: tiny-test whose zero-initialised layers got small random weights
 
 
 def image(seed=0, size=32):

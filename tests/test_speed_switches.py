@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import sdkit
 from sdkit.nn.attention import CrossAttention, fused_attention
 from sdkit.nn.unet import timestep_embedding
 from sdkit.speed import channels_last, compiled, deep_cache, merge_tokens, token_merging
@@ -19,14 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    model = sdkit.load_model("tiny-test")
-    with torch.no_grad():   # the zero-initialised output convs would make every output 0
-        for p in model.unet.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    return model
+def model(live_tiny_test):
+    return live_tiny_test   # tests/conftest.py: tiny-test whose zero-initialised layers got small random weights
 
 
 def inputs(seed: int, model, batch: int = 2):
