@@ -3,7 +3,8 @@ with the word under test, and read the images back with the checker, which reads
 
     python benchmarks/concept_learning.py                                   # before: the word "hexagon", base model
     python benchmarks/concept_learning.py --embedding RUN/embeddings/hexagon-ti.pt     # textual inversion
-    python benchmarks/concept_learning.py --ckpt FILE --word sks                        # DreamBooth (or LoRA) weights
+    python benchmarks/concept_learning.py --ckpt FILE --word sks                        # DreamBooth weights
+    python benchmarks/concept_learning.py --lora RUN/lora/lora.safetensors --prior     # a LoRA (FILE[:SCALE])
 
 Prompts: the canonical captions of the shapes dataset's validation split drawn with shapes=["hexagon"] (held-out
 attribute combinations; colours, counts, sizes, positions and backgrounds vary; seed 1, which the training recipes
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--ckpt", default=None, help="weights (default: the config's shipped weights)")
     parser.add_argument("--embedding", help="a textual-inversion file to load (A1111 .pt / .safetensors)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="a LoRA file to apply (repeatable)")
     parser.add_argument("--word", help="the word prompts use for the hexagon (default: the embedding's, or hexagon)")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--guidance", type=float, default=5.0)
@@ -72,6 +75,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = sdkit.load_model(args.config, args.ckpt)
     word = args.word or "hexagon"
+    for spec in args.lora:
+        from sdkit.lora import load_lora
+        path, _, scale = spec.partition(":")
+        lora = load_lora(model, path, scale=float(scale or 1.0))
+        print(f"LoRA {path} at scale {lora.scale:g}")
     if args.embedding:
         from sdkit.textual_inversion import load_embedding
         word = load_embedding(model, args.embedding, name=args.word)

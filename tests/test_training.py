@@ -256,10 +256,15 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     a, b = load(one / "checkpoints" / "last.ckpt"), load(run_folder(tmp_path / "logs", "two") / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 3
     diff = max_diff(a["state_dict"], b["state_dict"])
-    grads = max(max_diff({"m": a["optimizer_states"][0]["state"][i]["exp_avg"]},
-                         {"m": b["optimizer_states"][0]["state"][i]["exp_avg"]}) for i in a["optimizer_states"][0]["state"])
-    print(f"DDP vs single process: max |Δweight| {diff:.3g}, max |Δexp_avg| {grads:.3g}")
-    assert diff <= 1e-6 and grads <= 1e-7
+    state_a, state_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    grads = max(max_diff({"m": state_a[i]["exp_avg"]}, {"m": state_b[i]["exp_avg"]}) for i in state_a)
+    scale = max(state_a[i]["exp_avg"].abs().max().item() for i in state_a)
+    print(f"DDP vs single process: max |Δweight| {diff:.3g}, max |Δexp_avg| {grads:.3g} "
+          f"(relative to max |exp_avg| {scale:.3g}: {grads / scale:.3g})")
+    # The gradient is a mean over batch and pixels (up to ~1e4 float32 terms) summed in another order by the
+    # all-reduce: a relative error of order sqrt(n)·u ≈ 1e-5 of the gradient's scale (n·u ≈ 6e-4 at worst),
+    # carried into exp_avg over 3 steps. Weights move by lr·(Adam step) and differ by far less.
+    assert diff <= 1e-6 and grads <= 1e-4 * scale
 
 
 def test_batch_order_is_shared_by_ranks_and_resumable():
