@@ -135,6 +135,28 @@ class LowRankDelta(nn.Module):
                                  f"layers are missing ({missing[:3]}), {len(wrong)} have other shapes ({wrong[:3]}); "
                                  "it was made for another architecture")
 
+    @classmethod
+    @torch.no_grad()
+    def from_difference(cls, base: nn.Module, tuned: nn.Module, rank: int = 16) -> LowRankDelta:
+        """The rank-``rank`` delta closest to a fine-tune: for each layer, the truncated SVD of ΔW = W_tuned − W_base
+        (reshaped [out, in·kh·kw]), which by Eckart–Young is the best rank-r approximation in the Frobenius norm.
+        This is how a full fine-tune (e.g. DreamBooth) is shipped as a small file ("extract LoRA" in kohya's
+        tools); ``relative_error`` says what the truncation lost."""
+        delta = cls(base, rank=rank)
+        delta.check_fits(tuned)
+        base_layers, tuned_layers = target_layers(base), target_layers(tuned)
+        lost = total = 0.0
+        for i, n in enumerate(delta.names):
+            diff = (tuned_layers[n].weight.double() - base_layers[n].weight.double()).reshape(delta.shapes[i][0], -1)
+            u, s, vh = torch.linalg.svd(diff, full_matrices=False)
+            r = delta.down[i].shape[0]
+            delta.up[i].copy_((u[:, :r] * s[:r]).float())
+            delta.down[i].copy_(vh[:r].float())
+            lost += float((s[r:] ** 2).sum())
+            total += float((s ** 2).sum())
+        delta.relative_error = math.sqrt(lost / total) if total else 0.0   # ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F, all layers
+        return delta
+
     # ------------------------------------------------------------------ files
     def state_for_file(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """The kohya LoCon tensors: down [r, in, kh, kw] (or [r, in]), up [out, r, 1, 1] (or [out, r]), alpha."""
