@@ -5,6 +5,7 @@ with the word under test, and read the images back with the checker, which reads
     python benchmarks/concept_learning.py --embedding RUN/embeddings/hexagon-ti.pt     # textual inversion
     python benchmarks/concept_learning.py --ckpt FILE --word sks                        # DreamBooth weights
     python benchmarks/concept_learning.py --lora RUN/lora/lora.safetensors --prior     # a LoRA (FILE[:SCALE])
+    python benchmarks/concept_learning.py --merge base=a.json lora=b.json ... OUT.json   # one table of the runs
 
 Prompts: the canonical captions of the shapes dataset's validation split drawn with shapes=["hexagon"] (held-out
 attribute combinations; colours, counts, sizes, positions and backgrounds vary; seed 1, which the training recipes
@@ -56,7 +57,30 @@ def evaluate(model, word: str, n: int = 100, guidance: float = 5.0, steps: int =
             "verdicts": [r.colour_and_shape for r in results]}
 
 
+def merge(named_files: list[str], out: str) -> None:
+    """One table from several runs' --json files, given as NAME=FILE: the rows notebook 12 prints."""
+    rows = []
+    for spec in named_files:
+        name, _, path = spec.partition("=")
+        with open(path) as f:
+            run = json.load(f)
+        rows.append({"name": name, "word": run["word"], "concept": run["overall"]["colour_and_shape"],
+                     "shape": run["overall"]["shape"], "n": run["n"],
+                     "prior": run["prior"]["overall"]["colour_and_shape"] if "prior" in run else None,
+                     "prior_n": run["prior"]["n"] if "prior" in run else None, "seconds": round(run["seconds"])})
+    with open(out, "w") as f:
+        json.dump({"what": "colour+shape on 100 held-out hexagon prompts (concept) and on the base model's 200 "
+                           "held-out prompts (prior); dpmpp_2m 20 steps, guidance 5", "rows": rows}, f, indent=1)
+    print(f"{'run':36s} {'word':>18s} {'hexagon c+s':>12s} {'hexagon shape':>14s} {'prior c+s':>10s}")
+    for r in rows:
+        prior = f"{r['prior']:.1%}" if r["prior"] is not None else "-"
+        print(f"{r['name']:36s} {r['word']:>18s} {r['concept']:>12.1%} {r['shape']:>14.1%} {prior:>10s}")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--merge"]:
+        *files, out = sys.argv[2:]
+        return merge(files, out)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--ckpt", default=None, help="weights (default: the config's shipped weights)")
