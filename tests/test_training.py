@@ -552,3 +552,21 @@ def test_small_clip_learns_to_match_captions(tmp_path):
     state = load(run_folder(tmp_path / "logs", "clip") / "checkpoints" / "last.ckpt")["state_dict"]
     assert "logit_scale" in state and any(k.startswith("visual.") for k in state)
     assert any(k.startswith("text.transformer.transformer.text_model.") for k in state)
+
+
+def test_fsdp_keeps_buffers_in_float32_under_bf16_mixed():
+    """Lightning's bf16-mixed FSDP policy casts buffers to bfloat16, where ᾱ_0 = 0.99915 rounds to 1 (checked
+    here); sdkit's strategy keeps parameters and reduction in bfloat16 and buffers in float32."""
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    from sdkit.training.strategies import fsdp_strategy
+
+    assert torch.tensor(1 - 0.00085, dtype=torch.bfloat16).item() == 1.0
+    strategy = fsdp_strategy()
+    strategy.precision_plugin = FSDPPrecision("bf16-mixed")
+    config = strategy.mixed_precision_config
+    assert FSDPPrecision("bf16-mixed").mixed_precision_config.buffer_dtype == torch.bfloat16   # Lightning's own
+    assert (config.param_dtype, config.reduce_dtype, config.buffer_dtype) == (torch.bfloat16, torch.bfloat16,
+                                                                              torch.float32)
+    strategy.precision_plugin = FSDPPrecision("32-true")
+    assert strategy.mixed_precision_config.buffer_dtype == torch.float32

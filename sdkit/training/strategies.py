@@ -4,13 +4,16 @@
       trainer:
         strategy: {target: sdkit.training.strategies.fsdp_strategy, params: {sharding_strategy: FULL_SHARD}}
 
-FSDP needs CUDA (Lightning refuses it on CPU), so this module is not exercised by the CPU test-suite.
+FSDP needs CUDA (Lightning refuses it on CPU), so the CPU test-suite checks only its configuration (buffers stay
+float32 under a bf16 precision); tools/gpu_check.sh runs one real FSDP step.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
+import torch
 from torch import nn
 
 FSDP_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -26,9 +29,23 @@ def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", state_dict_type: str = 
     from ..nn.attention import SpatialTransformer
     from ..nn.unet import ResBlock
 
-    return FSDPStrategy(auto_wrap_policy={ResBlock, SpatialTransformer}, sharding_strategy=sharding_strategy,
-                        state_dict_type=state_dict_type, cpu_offload=cpu_offload,
-                        limit_all_gathers=limit_all_gathers, use_orig_params=True, **kwargs)
+    class FSDPWithFloat32Buffers(FSDPStrategy):
+        """Lightning's precision plugin casts buffers to the low precision too ("bf16-mixed": parameters, gradient
+        reduction and buffers in bfloat16). sdkit's buffers must stay float32: the noise schedule (ᾱ is 0.99915 at
+        t = 0, which bfloat16, spaced 2⁻⁸ below 1, rounds to 1: no noise at all) and the EMA weights (a decay of
+        0.9999 moves them by 1e-4 of the gap, below bfloat16's relative resolution of 2⁻⁸: they would never move)."""
+
+        @property
+        def mixed_precision_config(self):
+            config = super().mixed_precision_config
+            if config is None or config.buffer_dtype in (None, torch.float32):
+                return config
+            return dataclasses.replace(config, buffer_dtype=torch.float32)
+
+    return FSDPWithFloat32Buffers(auto_wrap_policy={ResBlock, SpatialTransformer},
+                                  sharding_strategy=sharding_strategy, state_dict_type=state_dict_type,
+                                  cpu_offload=cpu_offload, limit_all_gathers=limit_all_gathers, use_orig_params=True,
+                                  **kwargs)
 
 
 def is_fsdp(trainer) -> bool:
