@@ -40,7 +40,7 @@ def evaluate(model, word: str, n: int = 100, guidance: float = 5.0, steps: int =
              seed: int = 0, batch: int = 25) -> dict:
     data = ReplaceWords(ShapesDataset(length=n, size=64, seed=1, split="validation", caption_style="canonical",
                                       shapes=["hexagon"], two_group_prob=0.0),
-                        {"hexagon": word, "hexagons": word})
+                        {"hexagon": word, "hexagons": word} if word != "hexagon" else {"hexagon": "hexagon"})
     items = [data[i] for i in range(n)]
     prompts = [item["caption"] for item in items]
     images, start = [], time.perf_counter()
