@@ -13,7 +13,9 @@ Rows:
   from there), the fair "before";
 - one row per Attend-and-Excite variant NORMALISE:RESOLUTION:STEP_SIZE[:SUBJECTS] (normalise "softmax" = the
   paper's ×100 softmax, "renormalise" = attention renormalised over the prompt's words; resolution of the maps
-  used; subjects "shape" or "colour+shape"), with the paper's iterative refinement.
+  used; subjects "shape" or "colour+shape"), with the paper's iterative refinement;
+- bind:RESOLUTION:STEP_SIZE: the same latent steps on sdkit.editing.attend_excite.binding_loss (each colour word's
+  map onto its shape word's, the groups' maps apart), without refinement.
 
 Colour+shape: every group has an object of its colour and shape (shapes_checker's colour_and_shape); count and
 "everything" are given beside it. Writes
@@ -85,7 +87,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--rows", nargs="*", default=["txt2img", "off", "renormalise:16:20", "softmax:16:20"],
-                        help="txt2img, off, or NORMALISE:RESOLUTION:STEP_SIZE[:SUBJECTS]")
+                        help="txt2img, off, NORMALISE:RESOLUTION:STEP_SIZE[:SUBJECTS] or bind:RESOLUTION:STEP_SIZE")
     parser.add_argument("--json", help="also save the rows (with each prompt's verdict) as JSON")
     parser.add_argument("--merge", nargs="+", help="write the table of rows saved by earlier --json runs instead")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attend_excite.txt"))
@@ -125,10 +127,16 @@ def run_rows(args, command: str) -> tuple[list[str], dict]:
             name, generate = OFF, lambda p, i: attend_and_excite(model, p, seed=i, step_size=0.0, **common)
         else:
             normalise, resolution, step_size, *rest = row.split(":")
-            v = (float(step_size), normalise, int(resolution), rest[0] if rest else "shape")
-            name = f"A&E {v[1]}, {v[2]}x{v[2]}, step {v[0]:g}, {v[3]}"
-            generate = lambda p, i, v=v: attend_and_excite(
-                model, p, seed=i, step_size=v[0], normalise=v[1], resolution=v[2], subjects=v[3], **common)
+            if normalise == "bind":
+                v = (float(step_size), int(resolution))
+                name = f"A&E binding loss, {v[1]}x{v[1]}, step {v[0]:g}"
+                generate = lambda p, i, v=v: attend_and_excite(
+                    model, p, seed=i, step_size=v[0], objective="bind", resolution=v[1], **common)
+            else:
+                v = (float(step_size), normalise, int(resolution), rest[0] if rest else "shape")
+                name = f"A&E {v[1]}, {v[2]}x{v[2]}, step {v[0]:g}, {v[3]}"
+                generate = lambda p, i, v=v: attend_and_excite(
+                    model, p, seed=i, step_size=v[0], normalise=v[1], resolution=v[2], subjects=v[3], **common)
         start, images = time.perf_counter(), []
         for i in range(0, args.n, args.batch):
             images += generate(prompts[i:i + args.batch], i).images

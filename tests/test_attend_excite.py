@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import sdkit
-from sdkit.editing.attend_excite import (attend_and_excite, excite_losses, gaussian_kernel, subject_maxima,
-                                         subject_tokens)
+from sdkit.editing.attend_excite import (attend_and_excite, binding_loss, colour_shape_pairs, excite_losses,
+                                         gaussian_kernel, subject_maxima, subject_tokens)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a red circle and a blue square"
@@ -33,6 +33,28 @@ def test_subject_tokens_by_hand(model):
         subject_tokens(model, PROMPT, ["triangle"])
     with pytest.raises(ValueError, match="no shape words"):
         subject_tokens(model, "a cat")
+
+
+def test_binding_loss_by_hand():
+    # 4 pixels; tokens: start, colour₁, shape₁, colour₂, shape₂, end. Each word attends to two pixels only.
+    def maps(on):                                       # on: word token -> its two pixels
+        m = torch.zeros(4, 6)
+        for token, pixels in on.items():
+            m[pixels, token] = 1.0
+        return m
+    bound = maps({1: [0, 1], 2: [0, 1], 3: [2, 3], 4: [2, 3]})
+    assert float(binding_loss(bound, 6, [(1,), (2,), (3,), (4,)])) == pytest.approx(0.0, abs=1e-6)
+    # the shapes swapped: each pair's words apart (1 − 0 each), and across pairs (c₁,s₂), (s₁,c₂) overlap fully
+    # while (c₁,c₂), (s₁,s₂) do not: 1 + (1 + 1 + 0 + 0)/4 = 1.5
+    swapped = maps({1: [0, 1], 2: [2, 3], 3: [2, 3], 4: [0, 1]})
+    assert float(binding_loss(swapped, 6, [(1,), (2,), (3,), (4,)])) == pytest.approx(1.5, abs=1e-6)
+    # half-overlapping pairs: renormalised over the words, pixel 1 is shared by c₁ and s₁ (1/2 each) ...
+    half = maps({1: [0, 1], 2: [1, 2], 3: [3], 4: [3]})
+    # c₁: pixel 0 → 1, pixel 1 → 1/2: as a distribution (2/3, 1/3, 0, 0); s₁: (0, 1/3, 2/3, 0); overlap 1/3.
+    # c₂ = s₂ = (0, 0, 0, 1): overlap 1; across pairs nothing overlaps. Loss (1 − 1/3 + 0)/2 + 0 = 1/3
+    assert float(binding_loss(half, 6, [(1,), (2,), (3,), (4,)])) == pytest.approx(1 / 3, abs=1e-6)
+    with pytest.raises(ValueError, match="pairs"):
+        binding_loss(bound, 6, [(1,), (2,), (3,)])
 
 
 def test_gaussian_kernel_by_hand():
@@ -71,6 +93,13 @@ def test_a_small_gradient_step_lowers_the_loss(model):
     step = 1e-3 / float(grad.abs().max())              # small enough for the first-order term to dominate
     after, _ = excite_losses(model, x - step * grad, 500.0, cond, lengths, subjects, None)
     assert bool((after < losses).all())
+    # the binding loss, on each group's (colour, shape) words: the same first-order descent
+    pairs = [[(2,), (3,), (6,), (7,)], [(2,), (3,), (6,), (7,)]]
+    losses, grad = excite_losses(model, x, 500.0, cond, lengths, pairs, None, objective="bind")
+    assert bool((losses > 0).all()) and bool((losses < 2).all())
+    step = 1e-3 / float(grad.abs().max())
+    after, _ = excite_losses(model, x - step * grad, 500.0, cond, lengths, pairs, None, objective="bind")
+    assert bool((after < losses).all())
 
 
 def test_without_excitation_on_ddim_it_is_txt2img(model):
@@ -85,3 +114,11 @@ def test_without_excitation_on_ddim_it_is_txt2img(model):
                                 **kwargs)
     assert excited.latents.shape == reference.latents.shape
     assert not torch.allclose(excited.latents, reference.latents)
+    # the binding objective: step size 0 is the same run; a step moves it; its default pairs are the groups'
+    bound_plain = attend_and_excite(model, [PROMPT, PROMPT], step_size=0.0, excite_steps=2, objective="bind", **kwargs)
+    assert torch.equal(bound_plain.latents, plain.latents)
+    bound = attend_and_excite(model, [PROMPT, PROMPT], step_size=60.0, excite_steps=2, objective="bind", **kwargs)
+    assert not torch.allclose(bound.latents, reference.latents)
+    assert colour_shape_pairs(model, PROMPT + " on a green background") == [(2,), (3,), (6,), (7,)]
+    with pytest.raises(ValueError, match="objective"):
+        attend_and_excite(model, PROMPT, objective="bound", **kwargs)
