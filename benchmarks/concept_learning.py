@@ -5,7 +5,7 @@ with the word under test, and read the images back with the checker, which reads
     python benchmarks/concept_learning.py --embedding RUN/embeddings/hexagon-ti.pt     # textual inversion
     python benchmarks/concept_learning.py --ckpt FILE --word sks                        # DreamBooth weights
     python benchmarks/concept_learning.py --lora RUN/lora/lora.safetensors --prior     # a LoRA (FILE[:SCALE])
-    python benchmarks/concept_learning.py --merge base=a.json lora=b.json ... OUT.json   # one table of the runs
+    python benchmarks/concept_learning.py --merge base=a.json lora=b.json,prior.json ... OUT.json   # one table
 
 Prompts: the canonical captions of the shapes dataset's validation split drawn with shapes=["hexagon"] (held-out
 attribute combinations; colours, counts, sizes, positions and backgrounds vary; seed 1, which the training recipes
@@ -58,16 +58,24 @@ def evaluate(model, word: str, n: int = 100, guidance: float = 5.0, steps: int =
 
 
 def merge(named_files: list[str], out: str) -> None:
-    """One table from several runs' --json files, given as NAME=FILE: the rows notebook 12 prints."""
+    """One table from several runs' --json files, given as NAME=FILE or NAME=FILE,PRIOR_FILE: the rows notebook 12
+    prints. PRIOR_FILE supplies the prior of a run measured without --prior: another --prior run of the same weights
+    (the prior's 200 prompts do not name the hexagon, so they are the same prompts whatever --word was)."""
     rows = []
     for spec in named_files:
-        name, _, path = spec.partition("=")
+        name, _, paths = spec.partition("=")
+        path, _, prior_path = paths.partition(",")
         with open(path) as f:
             run = json.load(f)
+        prior = run.get("prior")
+        if prior_path:
+            with open(prior_path) as f:
+                prior = json.load(f)["prior"]
         rows.append({"name": name, "word": run["word"], "concept": run["overall"]["colour_and_shape"],
                      "shape": run["overall"]["shape"], "n": run["n"],
-                     "prior": run["prior"]["overall"]["colour_and_shape"] if "prior" in run else None,
-                     "prior_n": run["prior"]["n"] if "prior" in run else None, "seconds": round(run["seconds"])})
+                     "prior": prior["overall"]["colour_and_shape"] if prior else None,
+                     "prior_n": prior["n"] if prior else None, "prior_from": prior_path or None,
+                     "seconds": round(run["seconds"])})
     with open(out, "w") as f:
         json.dump({"what": "colour+shape on 100 held-out hexagon prompts (concept) and on the base model's 200 "
                            "held-out prompts (prior); dpmpp_2m 20 steps, guidance 5", "rows": rows}, f, indent=1)

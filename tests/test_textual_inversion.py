@@ -349,3 +349,31 @@ def test_bad_files_are_refused_in_words(tmp_path, small_clip):
         save_embedding(ours, "<hex>", tmp_path / "hex.ckpt")
     with pytest.raises(TypeError, match="CLIP .* or MiniLM"):
         add_embedding(torch.nn.Linear(2, 2), "<hex>", torch.randn(1, 32))
+
+
+def test_cli_generate_loads_embeddings(tmp_path):
+    """``sdkit generate --embedding FILE`` gives the image the Python API gives with the word loaded (the shipped
+    hexagon-ti word), and a missing file is refused before the model is built."""
+    import numpy as np
+    from PIL import Image
+
+    import sdkit
+    from sdkit.checkpoints import data_dir
+    from sdkit.cli import main
+    from sdkit.textual_inversion import load_embedding
+
+    path = data_dir() / "hexagon-ti.safetensors"
+    model = sdkit.load_model("tiny")
+    word = load_embedding(model, path)
+    prompt = f"a red {word} at the top"
+    expected = sdkit.txt2img(model, prompt, steps=2, seed=4, guidance_scale=5.0, progress=False).images[0]
+    plain = sdkit.txt2img(sdkit.load_model("tiny"), prompt, steps=2, seed=4, guidance_scale=5.0,
+                          progress=False).images[0]          # the word's pieces read as ordinary text
+    out = tmp_path / "out"
+    assert main(["generate", prompt, "--steps", "2", "--seed", "4", "--guidance", "5", "--no-watermark",
+                 "--no-progress", "--out", str(out), "--embedding", str(path)]) == 0
+    (png,) = out.iterdir()
+    got = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1         # the same computation, 8-bit
+    assert np.abs(got - np.asarray(plain, dtype=np.int16)).max() > 8             # and the word changed the image
+    assert main(["generate", "x", "--out", str(out), "--embedding", str(tmp_path / "missing.pt")]) == 2

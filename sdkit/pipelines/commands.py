@@ -41,6 +41,9 @@ def _common(parser: argparse.ArgumentParser, *, steps: int, sampler: str, guidan
         model.add_argument("--lora", action="append", type=lora_argument, metavar="FILE[:SCALE]",
                            help="apply a LoRA file (kohya/A1111 or diffusers .safetensors) at SCALE (default 1); "
                                 "repeatable")
+        model.add_argument("--embedding", action="append", metavar="FILE",
+                           help="load a textual-inversion word (A1111 .pt or .safetensors; the word is the file's "
+                                "name, e.g. hexagon-ti) to use in the prompt; repeatable")
         sampling.add_argument("--guidance", type=float, default=guidance, help=f"CFG scale (default {guidance})")
         sampling.add_argument("--negative", default="", help="negative prompt (replaces the empty uncond prompt)")
     sampling.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i")
@@ -154,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "lora", None):
         from ..lora.arguments import apply_lora_arguments
         apply_lora_arguments(model, args.lora)
+    for path in getattr(args, "embedding", None) or []:
+        from ..textual_inversion import load_embedding
+        print(f"textual inversion {path}: the word {load_embedding(model, path)!r}", flush=True)
     if args.safety_checker:
         from ..safety import SafetyChecker
         common["safety_checker"] = SafetyChecker.from_pretrained(args.safety_checker, device=args.device)
@@ -197,6 +203,10 @@ def check_before_loading(args: argparse.Namespace) -> None:
     if getattr(args, "lora", None):
         from ..lora.arguments import check_lora_files
         check_lora_files(args.lora)
+    for path in getattr(args, "embedding", None) or []:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--embedding {path!r}: no such file (an A1111 textual-inversion .pt or "
+                                    ".safetensors file)")
     if args.ckpt is not None and not os.path.exists(args.ckpt):
         raise FileNotFoundError(f"--ckpt {args.ckpt!r}: no such file or folder")
     for name in ("image", "mask"):
