@@ -128,7 +128,7 @@ def test_the_repr_keeps_a_still_of_the_last_image_for_readers_without_a_kernel(m
     assert np.array_equal(np.asarray(overlay), painter.overlay())
 
 
-@pytest.mark.parametrize("notebook", ["00_tour", "08_inpainting_and_outpainting"])
+@pytest.mark.parametrize("notebook", ["00_tour", "07_guidance_and_img2img", "08_inpainting_and_outpainting"])
 def test_stored_widget_outputs_show_an_image_without_a_kernel(notebook):
     """Every stored widget output (a live view) also carries an image/png still, which GitHub and nbviewer show."""
     import json
