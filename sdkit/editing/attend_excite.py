@@ -243,9 +243,10 @@ def attend_and_excite(model, prompt: str | Sequence[str], *, subjects: str | Seq
     ``resolution``: the side of the attention maps used (default the finest); ``normalise``: how the words
     compete for a pixel (:func:`subject_maxima`); ``objective``: "excite" (the paper's loss) or "bind"
     (:func:`binding_loss`: subjects as (modifier, noun) pairs of words, by default each group's colour and shape
-    word, :func:`colour_shape_pairs`; no refinement). ``record``: a
-    list that gets each
-    excited step's per-image losses. Other options as :func:`sdkit.txt2img`. Returns a PipelineResult."""
+    word, :func:`colour_shape_pairs`; no refinement). ``record``: a list that gets each excited step's per-image
+    losses. Other options as :func:`sdkit.txt2img`. Returns a PipelineResult."""
+    if objective not in ("excite", "bind"):
+        raise ValueError(f"objective must be 'excite' (Attend-and-Excite) or 'bind' (binding_loss), got {objective!r}")
     height = model.default_image_size if height is None else height
     width = model.default_image_size if width is None else width
     checks.number(step_size, "step_size", low=0.0)
@@ -262,11 +263,8 @@ def attend_and_excite(model, prompt: str | Sequence[str], *, subjects: str | Seq
     excite_steps = n // 2 if excite_steps is None else checks.integer(
         excite_steps, "excite_steps", low=0, high=n - 1, hint=f" (this grid has {n} steps; at least one is left "
                                                                 "to the sampler)")
-    if objective not in ("excite", "bind"):
-        raise ValueError(f"objective must be 'excite' (Attend-and-Excite) or 'bind' (binding_loss), got {objective!r}")
-    if objective == "bind":
-        refinement = {} if refinement is None else refinement
-    refinement = REFINEMENT if refinement is None else refinement
+    if refinement is None:
+        refinement = {} if objective == "bind" else REFINEMENT
     targets = {round(fraction * n): 1.0 - reached for fraction, reached in refinement.items()}
     scales = np.sqrt(np.linspace(1.0, 0.5, n))
     per_prompt = subjects if not isinstance(subjects, str) and subjects and not isinstance(subjects[0], str) \
