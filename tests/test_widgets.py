@@ -71,6 +71,76 @@ def test_img2img_strength_slider(model):
     assert np.array_equal(pixels(explorer.result.images[0]), pixels(expected))
 
 
+@pytest.fixture(scope="module")
+def preview_model():
+    """A second random model standing in for tiny-lcm: the preview must come from it, not from the main model."""
+    model = sdkit.load_model("tiny-test")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model
+
+
+def lcm_preview(model, prompt, seed):
+    return txt2img(model, prompt, sampler="lcm", steps=4, guidance_scale=1.0, seed=seed, progress=False).images[0]
+
+
+def test_sliders_report_while_dragged_only_with_a_preview_model(model, preview_model):
+    plain = Txt2ImgExplorer(model, "a red circle", render=False, **FAST)
+    live = Txt2ImgExplorer(model, "a red circle", render=False, preview_model=preview_model, **FAST)
+    assert not plain.guidance.continuous_update and not plain.steps.continuous_update
+    assert live.guidance.continuous_update and live.steps.continuous_update and live.eta.continuous_update
+    assert not live.prompt.continuous_update          # half-typed words are not previewed
+
+
+def test_without_an_event_loop_the_preview_is_followed_by_the_full_image(model, preview_model):
+    explorer = Txt2ImgExplorer(model, "a red circle", render=False, preview_model=preview_model, **FAST)
+    shown = []
+    explorer.image.observe(lambda change: shown.append(bytes(change["new"])), names="value")
+    explorer.seed.value = 3
+    assert explorer.previews == 1 and explorer.renders == 1
+    # first the distilled model's 4 lcm steps without guidance, then the full sampler's steps and image
+    assert shown[0] == png_bytes(lcm_preview(preview_model, "a red circle", seed=3))
+    full = txt2img(model, "a red circle", seed=3, guidance_scale=5.0, progress=False, **FAST).images[0]
+    assert shown[-1] == png_bytes(full)
+    assert np.array_equal(pixels(explorer.preview_result.images[0]),
+                          pixels(lcm_preview(preview_model, "a red circle", seed=3)))
+
+
+def test_in_an_event_loop_a_drag_previews_every_value_and_samples_the_last_once_it_rests(model, preview_model):
+    import asyncio
+
+    async def drag():
+        explorer = Txt2ImgExplorer(model, "a red circle", render=False, preview_model=preview_model,
+                                   settle_s=0.2, **FAST)
+        for value in (4.0, 3.0, 2.0):        # the values a dragged slider sends
+            explorer.guidance.value = value
+        after_drag = (explorer.previews, explorer.renders)
+        await asyncio.sleep(0.5)
+        return explorer, after_drag
+
+    explorer, (previews, renders) = asyncio.run(drag())
+    assert (previews, renders) == (3, 0)            # the full sampler waited for the slider to rest
+    assert explorer.renders == 1                    # and then ran once, for the last value
+    expected = txt2img(model, "a red circle", guidance_scale=2.0, seed=0, progress=False, **FAST).images[0]
+    assert np.array_equal(pixels(explorer.result.images[0]), pixels(expected))
+    assert np.array_equal(pixels(explorer.shown), pixels(expected))
+
+
+def test_img2img_preview_uses_the_preview_model_at_the_same_strength(model, preview_model):
+    start = txt2img(model, "a red circle", seed=1, progress=False, **FAST).images[0]
+    explorer = Img2ImgExplorer(model, start, "a blue square", strength=0.6, render=False,
+                               preview_model=preview_model, **FAST)
+    explorer.strength.value = 0.5
+    expected = img2img(preview_model, start, "a blue square", strength=0.5, sampler="lcm", steps=4,
+                       guidance_scale=1.0, seed=0, progress=False).images[0]
+    assert np.array_equal(pixels(explorer.preview_result.images[0]), pixels(expected))
+    full = img2img(model, start, "a blue square", strength=0.5, sampler="ddim", seed=0, guidance_scale=5.0,
+                   progress=False, **FAST).images[0]
+    assert np.array_equal(pixels(explorer.result.images[0]), pixels(full))
+
+
 def test_mouse_strokes_paint_discs_of_the_brush_radius():
     from PIL import Image
 
