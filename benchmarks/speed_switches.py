@@ -11,8 +11,10 @@ the median of the per-round ratios plain/switched (above 1: faster). Quality: co
 checker, and the PSNR of the switched images against the plain ones (same prompts, same seeds).
 
 SD v1 (``load_model("sd-v1-inference")``, random weights: quality is the numerical difference from the plain run):
-a 10-step DDIM loop at the guided batch of 2 on a 32×32 latent (256×256 pixels) with random text states. Time as
-above; quality: the relative RMS difference of the final latents from the plain run's.
+a 10-step DDIM loop at the guided batch of 2 on a 32×32 latent (256×256 pixels) with random text states. The
+weights CompVis initialises to zero (the output conv, each transformer's proj_out) are filled with N(0, 0.02²), or
+ε would be exactly 0 and every switch would leave the latents unchanged. Time as above; quality: the relative RMS
+difference of the final latents from the plain run's.
 
 Switches: channels_last, bf16 autocast (CPU), torch.compile (the UNet; compile time excluded, reported apart),
 DeepCache (a full UNet call every 2 or 3 calls), token merging (half the self-attention keys/values, on the layers
@@ -24,10 +26,15 @@ import argparse
 import contextlib
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from gpu_check import fill_zero_init
 
 SWITCHES = ("channels_last", "bf16 autocast", "torch.compile", "deep_cache /2", "deep_cache /3",
             "token merging 0.5")
@@ -112,6 +119,7 @@ def sd_rows(switches, rounds: int) -> None:
 
     torch.manual_seed(0)
     model = sdkit.load_model("sd-v1-inference")
+    fill_zero_init(model.model)
     gen = torch.Generator().manual_seed(0)
     x_T = torch.randn(1, 4, 32, 32, generator=gen)
     cond, uncond = torch.randn(1, 77, 768, generator=gen), torch.randn(1, 77, 768, generator=gen)
@@ -141,9 +149,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--switches", nargs="+", choices=SWITCHES, default=list(SWITCHES),
+                        help="only these rows (each row is its own plain/switched comparison)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    switches = [s for s in SWITCHES if not (args.no_compile and s == "torch.compile")]
+    switches = [s for s in args.switches if not (args.no_compile and s == "torch.compile")]
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; speed-up = median over {args.rounds} "
           "alternating rounds of plain/switched (above 1: faster)")
     if "tiny" in args.models:
