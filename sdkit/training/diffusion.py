@@ -148,8 +148,11 @@ class LatentDiffusionModule(WrappedModule):
         return torch.autocast(self.device.type, enabled=False)
 
     def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        # the images in the autoencoder's own dtype: float32, except under FSDP with bf16-mixed, whose forward
+        # holds every parameter of the root unit (the frozen autoencoder too) in bfloat16 (found on a GPU run)
+        dtype = self.ldm.first_stage_model.encoder.conv_in.weight.dtype
         with self._full_precision():
-            encoded = self.ldm.encode_first_stage(x.float())
+            encoded = self.ldm.encode_first_stage(x.to(dtype))
         moments = encoded.parameters if isinstance(encoded, DiagonalGaussianDistribution) else encoded
         return moments.float()
 
