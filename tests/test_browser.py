@@ -120,9 +120,11 @@ def move_guidance_slider(screenshot: Path, timeout_s: float = 480.0) -> dict:
                                                                                before_value])
                 after_value = readout.inner_text()
                 status = explorer.locator(".widget-label").last
-                # the explorer's status line names the guidance of the image it finished drawing
+                # the explorer's status line names the guidance of the image it finished drawing (the full
+                # sampler's, which follows the distilled model's 4-step previews once the slider rests)
                 page.wait_for_function("([el, v]) => el.innerText.includes('guidance ' + v) && "
-                                       "!el.innerText.startsWith('step') && !el.innerText.startsWith('sampling')",
+                                       "!el.innerText.startsWith('step') && !el.innerText.startsWith('sampling') && "
+                                       "!el.innerText.startsWith('preview')",
                                        arg=[status.element_handle(), str(float(after_value)).rstrip('0').rstrip('.')])
                 after = image.screenshot()
                 explorer.screenshot(path=str(screenshot))
