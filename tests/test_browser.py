@@ -82,6 +82,36 @@ def wait_idle(page, seconds: float = 1.0, timeout: float = 120.0) -> None:
     raise TimeoutError("the kernel did not become idle")
 
 
+def run_all_cells(page, slider, root: Path, timeout_s: float) -> None:
+    """Run > Run All Cells, then wait for the explorer's slider. On a busy machine the first click can be lost (the
+    kernel still connecting: no cell gets a prompt, the kernel stays idle; seen in full-suite runs beside other
+    work, never alone), so a click that starts no cell within a minute is repeated. If cells ran and no slider
+    came, fail with the notebook's error outputs (a screenshot is left beside the run folder)."""
+    import re
+
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    started = page.locator(".jp-InputArea-prompt").filter(has_text=re.compile(r"\[(\*|\d+)\]"))
+    for _ in range(3):
+        page.get_by_text("Run", exact=True).first.click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        try:
+            started.first.wait_for(state="attached", timeout=60_000)
+            break
+        except PlaywrightTimeout:
+            continue
+    else:
+        page.screenshot(path=str(root.parent / "sdkit-browser-no-run.png"), full_page=True)
+        raise AssertionError("Run All Cells, three times, started no cell")
+    try:
+        slider.wait_for(state="visible", timeout=timeout_s * 1000)
+    except PlaywrightTimeout:
+        errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
+        texts = [errors.nth(i).inner_text()[-800:] for i in range(min(errors.count(), 3))]
+        page.screenshot(path=str(root.parent / "sdkit-browser-no-slider.png"), full_page=True)
+        raise AssertionError(f"the cells ran but no guidance slider appeared; error outputs: {texts}") from None
+
+
 def move_guidance_slider(screenshot: Path, timeout_s: float = 480.0) -> dict:
     """Run the tour in JupyterLab, press the guidance slider's ← key 4 times, return what was seen."""
     from playwright.sync_api import sync_playwright
@@ -102,10 +132,8 @@ def move_guidance_slider(screenshot: Path, timeout_s: float = 480.0) -> dict:
                 no_news = page.get_by_role("button", name="No", exact=True)
                 if no_news.count():
                     no_news.first.click()
-                page.get_by_text("Run", exact=True).first.click()
-                page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
                 slider = page.locator(GUIDANCE).first
-                slider.wait_for(state="visible")
+                run_all_cells(page, slider, root, timeout_s)
                 wait_idle(page, seconds=2.0, timeout=timeout_s)
                 explorer = slider.locator("xpath=ancestor::div[contains(@class,'widget-vbox')][last()]")
                 image = explorer.locator("img.sdkit-pixelated").last
