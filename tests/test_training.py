@@ -587,3 +587,61 @@ def test_images_reach_the_autoencoder_in_its_own_dtype():
     assert reference.dtype == low.dtype == torch.float32
     # bfloat16 keeps 8 significant bits: each layer rounds to 2⁻⁸ relative; a few layers deep, well under 10%
     assert (low - reference).norm() / reference.norm() < 0.1
+
+
+FSDP_STEP = r"""
+import os, sys, torch, torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, MixedPrecision
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+import sdkit
+from sdkit.nn.attention import SpatialTransformer
+from sdkit.nn.unet import ResBlock
+from sdkit.training.diffusion import LatentDiffusionModule
+
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=0, world_size=1)
+batch = {"jpg": torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+         "txt": ["a red circle", "a blue square"], "index": torch.arange(2)}
+
+class Step(torch.nn.Module):   # what Lightning's forward redirection does: training_step through FSDP's forward
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+    def forward(self, batch):
+        return self.module.shared_step(batch, step=0, split="train", ucg=0.0)[0]
+
+def module():
+    return LatentDiffusionModule(OmegaConf.to_container(sdkit.load_config("tiny-test").model), seed=3)
+
+plain = Step(module())(batch)
+# sdkit's FSDP strategy's wrapping and precision: ResBlock/SpatialTransformer units, bf16 params, fp32 buffers
+mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.float32)
+wrapped = FSDP(Step(module()), mixed_precision=mp, auto_wrap_policy=ModuleWrapPolicy({ResBlock, SpatialTransformer}),
+               use_orig_params=True, device_id=torch.device("cpu"))
+loss = wrapped(batch)
+loss.backward()
+grads = [p.grad for n, p in wrapped.named_parameters() if "diffusion_model" in n and p.requires_grad]
+print(float(plain), float(loss), sum(g is not None for g in grads), len(grads))
+dist.destroy_process_group()
+"""
+
+
+def test_an_fsdp_bf16_training_step_runs_on_the_cpu(tmp_path):
+    """FSDP on one CPU process (gloo) with the strategy's wrapping and bf16-mixed precision. The lent GPU's FSDP
+    step found the first bug (the frozen autoencoder got bf16 weights and float32 images); this step found the
+    second (the UNet's blocks, wrapped by FSDP, no longer looked like ResBlocks to TimestepEmbedSequential, so no
+    timestep embedding was passed). The loss equals the float32 step's within bfloat16's rounding, and every
+    UNet parameter gets a gradient."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "fsdp_step.py"
+    script.write_text(FSDP_STEP)
+    done = subprocess.run([sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain, fsdp, with_grad, total = done.stdout.split()[-4:]
+    assert abs(float(fsdp) - float(plain)) <= 0.05 * float(plain)   # bf16: ~3 significant digits per op
+    assert int(with_grad) == int(total) > 0

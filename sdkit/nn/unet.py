@@ -78,14 +78,31 @@ class TimestepBlock(nn.Module):
         """Apply the module to `x` given the timestep embeddings `emb`."""
 
 
+WRAPPED_MODULE_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def unwrapped(layer: nn.Module) -> nn.Module:
+    """The block inside FSDP and activation-checkpoint wrappers, which hide its type (two dict lookups a call)."""
+    while True:
+        for name in WRAPPED_MODULE_NAMES:
+            if name in layer._modules:
+                layer = layer._modules[name]
+                break
+        else:
+            return layer
+
+
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
-    """Sequential that hands the timestep embedding and the context to the children that take them."""
+    """Sequential that hands the timestep embedding and the context to the children that take them. The child's
+    kind is read through FSDP's wrapper (which shards ResBlocks and SpatialTransformers), but the call goes to the
+    wrapper, which gathers the block's weights."""
 
     def forward(self, x, emb, context=None):
         for layer in self:
-            if isinstance(layer, TimestepBlock):
+            kind = unwrapped(layer)
+            if isinstance(kind, TimestepBlock):
                 x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
+            elif isinstance(kind, SpatialTransformer):
                 x = layer(x, context)
             else:
                 x = layer(x)
