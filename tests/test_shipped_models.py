@@ -33,39 +33,34 @@ def test_small_clip_names_the_colour_and_shape_of_held_out_scenes(attribute, tem
     assert (predicted == truth).float().mean().item() >= bar
 
 
-def test_text_to_image_model_draws_the_named_colour_and_shape():
-    """16 held-out prompts (attribute combinations never seen in training), read back by the dataset's own checker.
-    benchmarks/prompt_following.py measures 200 of them for the model card; this guards against a broken release."""
+def held_out_colour_and_shape(model, **sampling) -> int:
+    """Of 16 held-out prompts (attribute combinations never seen in training), how many images the dataset's own
+    checker finds an object of the named colour and shape in."""
     from sdkit.data.shapes import Scene
     from sdkit.data.shapes_checker import check
     from sdkit.pipelines import txt2img
 
-    model = sdkit.load_model("tiny")
     data = ShapesDataset(length=16, size=64, seed=1, split="validation", caption_style="canonical")
     items = [data[i] for i in range(16)]
-    images = txt2img(model, [item["caption"] for item in items], seed=0, steps=20, sampler="dpmpp_2m",
-                     guidance_scale=5.0, progress=False).images
-    verdicts = [check(image, Scene.from_dict(item["meta"]["scene"])).colour_and_shape
-                for image, item in zip(images, items)]
-    assert sum(verdicts) >= 10, f"{sum(verdicts)} of 16 images have an object of the named colour and shape"
+    images = txt2img(model, [item["caption"] for item in items], seed=0, progress=False, **sampling).images
+    return sum(check(image, Scene.from_dict(item["meta"]["scene"])).colour_and_shape
+               for image, item in zip(images, items))
+
+
+def test_text_to_image_model_draws_the_named_colour_and_shape():
+    """16 held-out prompts (attribute combinations never seen in training), read back by the dataset's own checker.
+    benchmarks/prompt_following.py measures 200 of them for the model card; this guards against a broken release."""
+    hits = held_out_colour_and_shape(sdkit.load_model("tiny"), steps=20, sampler="dpmpp_2m", guidance_scale=5.0)
+    assert hits >= 10, f"{hits} of 16 images have an object of the named colour and shape"
 
 
 def test_distilled_model_draws_the_named_colour_and_shape_in_four_steps():
     """The live preview's model (data/tiny-lcm.md): the same 16 held-out prompts in 4 lcm steps without guidance.
     benchmarks/lcm_preview.py measures 200 for the card; the undistilled model gets 81.5% there at these settings."""
-    from sdkit.data.shapes import Scene
-    from sdkit.data.shapes_checker import check
-    from sdkit.pipelines import txt2img
-
     model = sdkit.load_model("tiny-lcm")
     assert model.delta_meta["sampler"] == "lcm" and model.delta_meta["base"] == "tiny"
-    data = ShapesDataset(length=16, size=64, seed=1, split="validation", caption_style="canonical")
-    items = [data[i] for i in range(16)]
-    images = txt2img(model, [item["caption"] for item in items], seed=0, steps=4, sampler="lcm",
-                     guidance_scale=1.0, progress=False).images
-    verdicts = [check(image, Scene.from_dict(item["meta"]["scene"])).colour_and_shape
-                for image, item in zip(images, items)]
-    assert sum(verdicts) >= 10, f"{sum(verdicts)} of 16 images have an object of the named colour and shape"
+    hits = held_out_colour_and_shape(model, steps=4, sampler="lcm", guidance_scale=1.0)
+    assert hits >= 10, f"{hits} of 16 images have an object of the named colour and shape"
 
 
 def test_upscaler_beats_bicubic_on_held_out_emoji():

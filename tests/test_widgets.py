@@ -14,15 +14,19 @@ FAST = dict(steps=4)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model():
+def random_tiny_test(seed: int):
     """tiny-test with every weight random (its zero-initialised output layers would make ε ignore the prompt)."""
     model = sdkit.load_model("tiny-test")
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
     return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_tiny_test(seed=0)
 
 
 def pixels(image):
@@ -74,12 +78,7 @@ def test_img2img_strength_slider(model):
 @pytest.fixture(scope="module")
 def preview_model():
     """A second random model standing in for tiny-lcm: the preview must come from it, not from the main model."""
-    model = sdkit.load_model("tiny-test")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    return model
+    return random_tiny_test(seed=1)
 
 
 def lcm_preview(model, prompt, seed):
@@ -138,6 +137,20 @@ def test_img2img_preview_uses_the_preview_model_at_the_same_strength(model, prev
     assert np.array_equal(pixels(explorer.preview_result.images[0]), pixels(expected))
     full = img2img(model, start, "a blue square", strength=0.5, sampler="ddim", seed=0, guidance_scale=5.0,
                    progress=False, **FAST).images[0]
+    assert np.array_equal(pixels(explorer.result.images[0]), pixels(full))
+
+
+def test_inpaint_button_previews_with_the_preview_model_then_inpaints(model, preview_model):
+    image = txt2img(model, "a red circle", seed=2, progress=False, **FAST).images[0]
+    explorer = InpaintExplorer(model, image, "a green triangle", preview_model=preview_model, **FAST)
+    explorer.painter.paint(16, 16)
+    explorer.button.click()
+    assert (explorer.previews, explorer.renders) == (1, 1)
+    expected = inpaint(preview_model, image, explorer.painter.mask, "a green triangle", sampler="lcm", steps=4,
+                       guidance_scale=1.0, seed=0, progress=False).images[0]
+    assert np.array_equal(pixels(explorer.preview_result.images[0]), pixels(expected))
+    full = inpaint(model, image, explorer.painter.mask, "a green triangle", sampler="ddim", seed=0,
+                   guidance_scale=5.0, progress=False, **FAST).images[0]
     assert np.array_equal(pixels(explorer.result.images[0]), pixels(full))
 
 
